@@ -1,0 +1,3 @@
+from nucleiseg.cli import main
+
+main()

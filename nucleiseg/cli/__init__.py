@@ -1,0 +1,20 @@
+"""The ``nucleiseg`` command line: a thin layer over the library, one module per area."""
+
+from nucleiseg.cli import (  # noqa: F401  (importing registers the commands)
+    evaluation,
+    inference,
+    labels,
+    pipeline,
+    preprocess,
+    synth,
+    training,
+    weightmap,
+)
+from nucleiseg.cli.app import app
+
+
+def main() -> None:
+    app()
+
+
+__all__ = ["app", "main"]

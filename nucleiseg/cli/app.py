@@ -1,0 +1,44 @@
+"""The Typer application and the options every command that reads params shares.
+
+Command modules (``nucleiseg/cli/<area>.py``) register their commands on :data:`app`. They import
+heavy libraries (torch, Great Expectations, MLflow, Prefect) inside the command functions, so that
+``nucleiseg --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from nucleiseg.params import Params, ParamsError, load_params
+
+app = typer.Typer(
+    name="nucleiseg",
+    help="Joint nuclei segmentation and classification in H&E (Qu et al., ISBI 2019), run as MLOps.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+ParamsOption = Annotated[Path, typer.Option("--params", help="Settings file (params.yaml).")]
+SetOption = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="Override a setting, section.key=value (repeatable)."),
+]
+
+
+def read_params(params: Path, overrides: list[str] | None) -> Params:
+    """Load and validate settings for a command; exit 2 with the offending key on error."""
+    try:
+        return load_params(params, overrides or [])
+    except ParamsError as exc:
+        fail(str(exc), code=2)
+        raise AssertionError from exc  # unreachable: fail() exits
+
+
+def fail(message: str, code: int = 1) -> None:
+    """Print an error message to stderr and exit with ``code``."""
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code)

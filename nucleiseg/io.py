@@ -1,0 +1,153 @@
+"""File input/output shared by the whole library: images read with clear errors, atomic writes.
+
+Every writer here goes through :func:`atomic_path`: the data is written to a temporary file in the
+destination folder and renamed over the target only once it is complete, so an interrupted run never
+leaves a half-written output in place of a good earlier one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
+
+
+class ImageReadError(ValueError):
+    """An image file is missing, corrupt or not what was expected. The message names the file."""
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it onto ``path`` when the block succeeds.
+
+    The temporary file keeps the target's suffix so that writers which pick a format by extension
+    (OpenCV, tifffile, numpy) behave as for the real name. On error the temporary file is removed and
+    ``path`` is left as it was.
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.stem}.", suffix=target.suffix, dir=target.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
+    write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def save_npy_atomic(path: str | os.PathLike[str], array: np.ndarray) -> None:
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        np.save(fh, array)
+
+
+def _decode(path: Path, flags: int) -> np.ndarray:
+    import cv2
+
+    if not path.is_file():
+        raise ImageReadError(f"{path}: file not found")
+    if path.suffix.lower() in (".tif", ".tiff"):
+        import tifffile
+
+        try:
+            return np.asarray(tifffile.imread(path))
+        except Exception as exc:  # tifffile raises many types for corrupt files
+            raise ImageReadError(f"{path}: cannot decode TIFF ({exc})") from exc
+    buf = np.fromfile(path, dtype=np.uint8)
+    array = cv2.imdecode(buf, flags) if buf.size else None
+    if array is None:
+        raise ImageReadError(f"{path}: not a readable image (corrupt, truncated or unknown format)")
+    return array
+
+
+def read_image(path: str | os.PathLike[str]) -> np.ndarray:
+    """Read an RGB image as ``uint8`` H x W x 3. Grey images are repeated, alpha is dropped.
+
+    16-bit RGB images are scaled to 8 bits. Raises :class:`ImageReadError` naming the file.
+    """
+    import cv2
+
+    path = Path(path)
+    array = _decode(path, cv2.IMREAD_UNCHANGED)
+    if array.ndim == 2:
+        array = np.repeat(array[..., None], 3, axis=2)
+    elif array.ndim != 3 or array.shape[2] not in (3, 4):
+        raise ImageReadError(f"{path}: expected an RGB image, got shape {array.shape}")
+    if path.suffix.lower() not in (".tif", ".tiff"):
+        # OpenCV decodes to BGR(A); TIFF through tifffile is already RGB(A).
+        array = array[..., [2, 1, 0]] if array.shape[2] == 3 else array[..., [2, 1, 0, 3]]
+    array = array[..., :3]
+    if array.dtype == np.uint16:
+        array = (array // 257).astype(np.uint8)
+    elif array.dtype != np.uint8:
+        raise ImageReadError(f"{path}: unsupported pixel type {array.dtype} for an RGB image")
+    return np.ascontiguousarray(array)
+
+
+def read_raw(path: str | os.PathLike[str]) -> np.ndarray:
+    """Read an image file exactly as stored (any dtype, any channel count; PNG colour as RGB)."""
+    import cv2
+
+    path = Path(path)
+    array = _decode(path, cv2.IMREAD_UNCHANGED)
+    if path.suffix.lower() not in (".tif", ".tiff") and array.ndim == 3 and array.shape[2] >= 3:
+        array = array[..., [2, 1, 0, *range(3, array.shape[2])]]
+    return array
+
+
+def write_image(path: str | os.PathLike[str], array: np.ndarray) -> None:
+    """Write an RGB ``uint8`` image or a 2-D ``uint8``/``uint16`` image atomically (format by suffix)."""
+    import cv2
+
+    path = Path(path)
+    if array.ndim == 3:
+        array = np.ascontiguousarray(array[..., ::-1])  # RGB -> BGR for OpenCV
+    with atomic_path(path) as tmp:
+        if path.suffix.lower() in (".tif", ".tiff"):
+            import tifffile
+
+            tifffile.imwrite(tmp, array, compression="zlib")
+        elif not cv2.imwrite(str(tmp), array):
+            raise OSError(f"{path}: OpenCV could not write the image")
+
+
+def list_images(folder: str | os.PathLike[str], exclude_suffixes: tuple[str, ...] = ("_label", "_other")) -> list[Path]:
+    """The RGB tiles of a dataset folder: image files whose stem does not end in a label suffix."""
+    folder = Path(folder)
+    return sorted(
+        p
+        for p in folder.iterdir()
+        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.stem.endswith(exclude_suffixes)
+    )

@@ -1,0 +1,266 @@
+"""The settings schema: ``params.yaml`` is the single source of settings, validated once at start.
+
+:func:`load_params` reads the YAML file, applies ``--set section.key=value`` overrides, and validates
+the result with pydantic; an unknown key or a bad value is reported with its dotted name, before any
+work starts. Library functions take plain arguments; only the CLI and the pipelines read params.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ParamsError(ValueError):
+    """Invalid settings; the message names the offending key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SynthParams(_Section):
+    n_images: int = Field(12, ge=1)
+    size: int = Field(512, ge=64)
+    seed: int = 0
+
+
+class DataParams(_Section):
+    dir: str = "data/annotated"
+    ignore_suffix: str = "_other"
+    synth: SynthParams = SynthParams()
+
+
+class StainParams(_Section):
+    method: Literal["none", "reinhard", "macenko"] = "none"
+    reference: str | None = None  # image name in the dataset; None: the first training image
+    out: str = "data/prepared/stain.json"
+
+
+class SplitParams(_Section):
+    seed: int = 0
+    train: float = Field(0.7, gt=0, le=1)
+    val: float = Field(0.15, ge=0, le=1)
+    test: float = Field(0.15, ge=0, le=1)
+    stratify: bool = True
+    explicit: dict[Literal["train", "val", "test"], list[str]] | None = None
+
+    @model_validator(mode="after")
+    def _fractions_sum_to_one(self) -> SplitParams:
+        if self.explicit is None and abs(self.train + self.val + self.test - 1.0) > 1e-6:
+            raise ValueError("train + val + test must sum to 1")
+        return self
+
+
+class PatchParams(_Section):
+    size: int = Field(250, ge=32)
+    grid: int = Field(4, ge=1)
+
+
+class ChecksParams(_Section):
+    """Great Expectations thresholds for the dataset manifest."""
+
+    min_side: int = Field(64, ge=1)
+    max_side: int = Field(20000, ge=1)
+    min_mean_intensity: float = 15.0
+    max_mean_intensity: float = 240.0  # an all-white (no tissue) tile is above this
+    max_nucleus_fraction: float = Field(0.8, gt=0, le=1)
+    min_images: int = Field(3, ge=1)
+    allow_duplicates: bool = False
+
+
+class AugmentationParams(_Section):
+    crop: int = Field(224, ge=32)
+    scale: tuple[float, float] = (0.75, 1.5)
+    flip: bool = True
+    rotate: float = Field(90.0, ge=0)
+    affine_shear: float = Field(5.0, ge=0)
+    elastic: bool = True
+    elastic_alpha: float = 30.0
+    elastic_sigma: float = 6.0
+    color_jitter: float = Field(0.0, ge=0)
+
+    @field_validator("crop")
+    @classmethod
+    def _divisible_by_32(cls, v: int) -> int:
+        if v % 32:
+            raise ValueError("crop must be divisible by 32 (the encoder downsamples 5 times)")
+        return v
+
+
+class ModelParams(_Section):
+    name: Literal["resunet34", "unet", "fcn8s"] = "resunet34"
+    encoder: str = "resnet34"
+    encoder_weights: str = "imagenet"  # imagenet | none | path to a local checkpoint
+    dropout: float = Field(0.1, ge=0, lt=1)
+    num_classes: int = Field(5, ge=2)
+
+
+class LossParams(_Section):
+    w0: float = Field(10.0, ge=0)
+    sigma: float = Field(5.0, gt=0)
+    vgg_weights: str = "imagenet"  # imagenet | none | path
+
+
+class TrainParams(_Section):
+    epochs: int = Field(300, ge=1)
+    steps_per_epoch: int | None = Field(None, ge=1)  # None: one pass over the patches
+    batch_size: int = Field(8, ge=1)
+    lr: float = Field(1e-4, gt=0)
+    betas: tuple[float, float] = (0.9, 0.99)
+    weight_decay: float = Field(1e-4, ge=0)
+    beta: float = Field(0.1, ge=0)  # weight of the perceptual loss; 0 skips VGG
+    val_every: int = Field(1, ge=1)
+    val_metric: str = "f1"
+    seed: int = 0
+    deterministic: bool = False
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    num_workers: int = Field(2, ge=0)
+    threads: int | None = Field(None, ge=1)  # CPU threads; None: all cores
+    out_dir: str = "models"
+
+
+class InferParams(_Section):
+    tile: int = Field(224, ge=32)
+    overlap: int = Field(80, ge=0)
+    batch_size: int = Field(8, ge=1)
+    tta: bool = False
+
+    @model_validator(mode="after")
+    def _overlap_smaller_than_tile(self) -> InferParams:
+        if self.tile % 32:
+            raise ValueError("tile must be divisible by 32")
+        if self.overlap >= self.tile:
+            raise ValueError("overlap must be smaller than tile")
+        return self
+
+
+class PostParams(_Section):
+    min_area: int = Field(20, ge=0)
+    radius: int = Field(1, ge=0)
+
+
+class EvalParams(_Section):
+    ignore_suffix: str = "_other"
+    out: str = "reports/metrics.json"
+
+
+class PromoteParams(_Section):
+    model_name: str = "nucleiseg"
+    metric: str = "all.f1"
+    tie_breaker: str = "all.dice"
+
+
+class TuneParams(_Section):
+    n_trials: int = Field(20, ge=1)
+    storage: str = "sqlite:///mlruns/optuna.db"
+    study: str = "nucleiseg-tune"
+    seed: int = 0
+    objective: str = "f1"
+    epochs: int = Field(5, ge=1)
+    beta: tuple[float, float] = (0.0, 1.0)
+    w0: tuple[float, float] = (1.0, 20.0)
+    sigma: tuple[float, float] = (1.0, 10.0)
+
+
+class ScheduleParams(_Section):
+    cron: str = "0 2 * * *"
+    timezone: str = "UTC"
+
+
+class TrackingParams(_Section):
+    uri: str = "sqlite:///mlruns/mlflow.db"
+    artifacts: str = "mlruns/artifacts"
+    experiment: str = "nucleiseg"
+
+
+class Params(_Section):
+    data: DataParams = DataParams()
+    stain: StainParams = StainParams()
+    split: SplitParams = SplitParams()
+    patches: PatchParams = PatchParams()
+    checks: ChecksParams = ChecksParams()
+    augmentation: AugmentationParams = AugmentationParams()
+    model: ModelParams = ModelParams()
+    loss: LossParams = LossParams()
+    train: TrainParams = TrainParams()
+    infer: InferParams = InferParams()
+    post: PostParams = PostParams()
+    eval: EvalParams = EvalParams()
+    promote: PromoteParams = PromoteParams()
+    tune: TuneParams = TuneParams()
+    schedule: ScheduleParams = ScheduleParams()
+    tracking: TrackingParams = TrackingParams()
+
+    @model_validator(mode="after")
+    def _crop_fits_patches(self) -> Params:
+        if self.augmentation.crop > self.patches.size:
+            raise ValueError(
+                f"augmentation.crop ({self.augmentation.crop}) is larger than patches.size ({self.patches.size})"
+            )
+        return self
+
+    def flat(self) -> dict[str, Any]:
+        """All settings as ``{"section.key": value}``, for logging to MLflow."""
+        return _flatten(self.model_dump(mode="json"))
+
+    def digest(self) -> str:
+        """A short hash of the settings, recorded on models to tell apart configurations."""
+        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:12]
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def apply_override(tree: dict[str, Any], assignment: str) -> None:
+    """Apply one ``section.key=value`` override in place; the value is parsed as YAML."""
+    if "=" not in assignment:
+        raise ParamsError(f"--set {assignment!r}: expected section.key=value")
+    dotted, raw = assignment.split("=", 1)
+    keys = dotted.strip().split(".")
+    node = tree
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ParamsError(f"--set {assignment!r}: {key} is not a section")
+    node[keys[-1]] = yaml.safe_load(raw)
+
+
+def load_params(path: str | os.PathLike[str] | None = "params.yaml", overrides: list[str] | None = None) -> Params:
+    """Read, override and validate the settings. ``path=None`` starts from the defaults."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ParamsError(f"{p}: params file not found")
+        try:
+            tree = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ParamsError(f"{p}: not valid YAML ({exc})") from exc
+        if not isinstance(tree, dict):
+            raise ParamsError(f"{p}: expected a mapping of sections at the top level")
+    for assignment in overrides or []:
+        apply_override(tree, assignment)
+    try:
+        return Params.model_validate(tree)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            where = ".".join(str(x) for x in err["loc"]) or "params"
+            lines.append(f"  {where}: {err['msg']}")
+        raise ParamsError(f"invalid params ({path}):\n" + "\n".join(lines)) from None
