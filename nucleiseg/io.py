@@ -132,14 +132,15 @@ def write_image(path: str | os.PathLike[str], array: np.ndarray) -> None:
     import cv2
 
     path = Path(path)
-    if array.ndim == 3:
-        array = np.ascontiguousarray(array[..., ::-1])  # RGB -> BGR for OpenCV
     with atomic_path(path) as tmp:
         if path.suffix.lower() in (".tif", ".tiff"):
             import tifffile
 
             tifffile.imwrite(tmp, array, compression="zlib")
-        elif not cv2.imwrite(str(tmp), array):
+            return
+        if array.ndim == 3:
+            array = np.ascontiguousarray(array[..., ::-1])  # RGB -> BGR for OpenCV
+        if not cv2.imwrite(str(tmp), array):
             raise OSError(f"{path}: OpenCV could not write the image")
 
 

@@ -1,0 +1,126 @@
+"""Experiment tracking with MLflow: the local store, run provenance, and model logging.
+
+The default store is SQLite under ``mlruns/`` (``sqlite:///mlruns/mlflow.db``) with artifacts in
+``mlruns/artifacts``; ``MLFLOW_TRACKING_URI`` in the environment overrides the URI from params. Every
+run records where it came from: the git commit, the dataset's content hash and the params hash as tags.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+MODEL_ARTIFACT = "model"
+
+
+def tracking_uri(configured: str) -> str:
+    """The tracking URI in force: ``MLFLOW_TRACKING_URI`` when set, else the configured one."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or configured
+
+
+def configure(uri: str, experiment: str, artifacts: str | os.PathLike[str] | None = None) -> str:
+    """Point MLflow at the store and select (creating if needed) the experiment; return its id.
+
+    For a local SQLite store the parent folder is created, and the experiment's artifacts go to
+    ``artifacts`` (an absolute file URI, so runs started from any working directory agree).
+    """
+    import mlflow
+
+    uri = tracking_uri(uri)
+    if uri.startswith("sqlite:///"):
+        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    mlflow.set_tracking_uri(uri)
+    if uri.startswith("sqlite:///"):
+        # The model registry shares the store: one SQLite file holds runs, models and aliases.
+        mlflow.set_registry_uri(uri)
+    found = mlflow.get_experiment_by_name(experiment)
+    if found is not None:
+        mlflow.set_experiment(experiment_id=found.experiment_id)
+        return found.experiment_id
+    location = Path(artifacts).resolve().as_uri() if artifacts is not None else None
+    experiment_id = mlflow.create_experiment(experiment, artifact_location=location)
+    mlflow.set_experiment(experiment_id=experiment_id)
+    return experiment_id
+
+
+def git_commit(path: str | os.PathLike[str] = ".") -> str | None:
+    """The commit checked out at ``path`` (with ``-dirty`` when the tree has changes), or None."""
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=path, capture_output=True, text=True, check=True, timeout=10
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=path,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return f"{commit}-dirty" if dirty else commit
+
+
+def dataset_hash(folder: str | os.PathLike[str], suffixes: Iterable[str] = (".png", ".tif", ".tiff")) -> str:
+    """Content hash of a dataset folder: file names and bytes, in sorted order (16 hex digits).
+
+    The same files give the same hash wherever the folder lives; any added, removed, renamed or edited
+    image or annotation changes it. Used to tell whether a model was trained on the current data.
+    """
+    folder = Path(folder)
+    suffixes = tuple(suffixes)
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in suffixes):
+        digest.update(path.relative_to(folder).as_posix().encode() + b"\0")
+        with open(path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(chunk)
+        digest.update(b"\0")
+    return digest.hexdigest()[:16]
+
+
+def log_params(flat: Mapping[str, Any]) -> None:
+    """Log flattened settings; values are stringified (lists, None) as MLflow stores text."""
+    import mlflow
+
+    mlflow.log_params({k: ("null" if v is None else v) for k, v in flat.items()})
+
+
+def log_pytorch_model(
+    model: Any,
+    example: np.ndarray,
+    metadata: Mapping[str, Any] | None = None,
+    name: str = MODEL_ARTIFACT,
+) -> Any:
+    """Log ``model`` with a signature inferred from ``example`` (N, 3, H, W float32); return ModelInfo.
+
+    ``metadata`` (normalisation statistics, stain normaliser, inference settings, model factory
+    arguments) is stored in the MLmodel file so that a registered model carries everything
+    :func:`nucleiseg.infer.load_predictor` needs.
+    """
+    import mlflow
+    import torch
+    from mlflow.models import infer_signature
+
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    with torch.inference_mode():
+        output = model(torch.from_numpy(example).to(device)).float().cpu().numpy()
+    model.train(was_training)
+    signature = infer_signature(example, output)
+    return mlflow.pytorch.log_model(
+        model,
+        name=name,
+        signature=signature,
+        input_example=example,
+        metadata=dict(metadata or {}),
+        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "timm", "numpy"],
+    )

@@ -1,0 +1,642 @@
+"""Training: Adam on the weighted cross-entropy + perceptual loss, validated on whole images, resumable.
+
+One call of :func:`train` is one training run. It reads the prepared dataset (the output of the
+preprocessing flow: ``splits.json``, ``stats.json``, ``stain.json``, ``patches/train`` and
+``images/val``), trains with the settings it is given, validates every ``val_every`` epochs with
+full-image tiled inference and the object-level metrics, and keeps two checkpoints in ``out_dir``:
+
+- ``last.pt``: written atomically after every epoch with the model, optimizer, epoch, best score and the
+  RNG states, so ``resume=True`` continues a killed run to the same result as an uninterrupted one;
+- ``best.pt``: the model with the best validation score so far.
+
+Both load with ``torch.load(weights_only=True)`` and hold what :func:`nucleiseg.infer.load_predictor`
+needs (model factory arguments, normalisation statistics, stain normaliser, inference settings).
+
+Reproducibility: the order of patches in epoch ``e`` and the augmentation of each sample depend only
+on ``(seed, e, index)``, never on how many epochs ran in this process, which is what makes resume exact.
+Under ``torchrun`` (``WORLD_SIZE`` > 1) training is data-parallel (NCCL on GPUs, gloo on CPUs); only
+rank 0 validates, writes checkpoints and logs to MLflow.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from nucleiseg.io import atomic_path, read_image, write_json_atomic
+from nucleiseg.params import Params
+
+log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The prepared dataset
+
+
+@dataclass
+class PreparedData:
+    """What training reads from the preprocessing flow's output folder."""
+
+    root: Path
+    train_pairs: list[tuple[Path, Path]]
+    val_items: list[tuple[Path, Path, Path | None]]  # image, label, ignore map
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    stain: dict[str, Any] | None
+
+
+def load_prepared(root: str | os.PathLike[str]) -> PreparedData:
+    """Read the preprocessing output; a missing piece is named in the error."""
+    root = Path(root)
+    stats_path = root / "stats.json"
+    if not stats_path.is_file():
+        raise FileNotFoundError(f"{stats_path}: not found; run `nucleiseg prepare` first")
+    stats = json.loads(stats_path.read_text())
+    patch_dir = root / "patches" / "train"
+    train_pairs = [(p, p.with_name(p.stem + "_label.png")) for p in sorted(patch_dir.glob("*.png"))]
+    train_pairs = [(i, lab) for i, lab in train_pairs if not i.stem.endswith(("_label", "_other"))]
+    if not train_pairs:
+        raise FileNotFoundError(f"{patch_dir}: no training patches")
+    missing = [str(lab) for _, lab in train_pairs if not lab.is_file()]
+    if missing:
+        raise FileNotFoundError(f"training patches without a label: {', '.join(missing[:5])}")
+    val_items = list(split_items(root, "val"))
+    stain_path = root / "stain.json"
+    stain = json.loads(stain_path.read_text()) if stain_path.is_file() else None
+    return PreparedData(root, train_pairs, val_items, tuple(stats["mean"]), tuple(stats["std"]), stain)
+
+
+def split_items(root: Path, split: str) -> list[tuple[Path, Path, Path | None]]:
+    """(image, label, ignore map or None) for the whole, stain-normalised images of one split."""
+    folder = root / "images" / split
+    items = []
+    for image in sorted(folder.glob("*.png")) if folder.is_dir() else []:
+        if image.stem.endswith(("_label", "_other")):
+            continue
+        other = image.with_name(image.stem + "_other.png")
+        items.append((image, image.with_name(image.stem + "_label.png"), other if other.is_file() else None))
+    return items
+
+
+# ----------------------------------------------------------------------------------------------------
+# Devices, seeds, distribution
+
+
+def select_device(name: str) -> torch.device:
+    """``auto``: CUDA when present, else CPU. Asking for CUDA without one is an error."""
+    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise RuntimeError("train.device is 'cuda' but no CUDA device is available")
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)  # noqa: NPY002  (third-party code draws from the global RNG)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+
+def rng_state() -> dict[str, Any]:
+    """RNG states as tensors and plain containers, so checkpoints load with ``weights_only=True``."""
+    np_state = np.random.get_state()  # noqa: NPY002
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    version, rest = state["python"][0], state["python"][1:]
+    random.setstate((version, tuple(rest[0]), *rest[1:]))
+    name, keys, *tail = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *tail))  # noqa: NPY002
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@dataclass
+class Distributed:
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: torch.device) -> Distributed:
+    """Join the process group when started by torchrun; a single process otherwise."""
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    if world_size <= 1:
+        return Distributed()
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return Distributed(rank=dist.get_rank(), world_size=dist.get_world_size())
+
+
+# ----------------------------------------------------------------------------------------------------
+# Data
+
+
+class SeededSamples(Dataset):
+    """Each sample's augmentation seeded by ``(seed, epoch, index)``: the same in any process or worker."""
+
+    def __init__(self, dataset: Any, seed: int) -> None:
+        self.dataset = dataset
+        self.seed = seed
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> Any:
+        sample_seed = (self.seed * 1_000_003 + self.epoch * 100_003 + index) % 2**31
+        return self.dataset.sample(index, seed=sample_seed)
+
+
+def epoch_loader(
+    samples: SeededSamples, epoch: int, batch_size: int, num_workers: int, seed: int, dist_info: Distributed
+) -> DataLoader:
+    """A loader whose shuffle order depends only on (seed, epoch)."""
+    samples.epoch = epoch
+    generator = torch.Generator().manual_seed(seed * 7919 + epoch)
+    sampler = None
+    if dist_info.world_size > 1:
+        from torch.utils.data.distributed import DistributedSampler
+
+        sampler = DistributedSampler(samples, num_replicas=dist_info.world_size, rank=dist_info.rank, seed=seed)
+        sampler.set_epoch(epoch)
+    return DataLoader(
+        samples,
+        batch_size=batch_size,
+        shuffle=sampler is None,
+        sampler=sampler,
+        generator=generator,
+        num_workers=num_workers,
+        drop_last=len(samples) >= batch_size * dist_info.world_size,
+        persistent_workers=False,
+        pin_memory=False,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def model_spec(params: Params) -> dict[str, Any]:
+    """Factory arguments that rebuild the architecture (weights come from the checkpoint)."""
+    return {
+        "name": params.model.name,
+        "encoder": params.model.encoder,
+        "num_classes": params.model.num_classes,
+        "dropout": params.model.dropout,
+    }
+
+
+def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+
+
+def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    return torch.load(path, map_location=map_location, weights_only=True)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Validation
+
+
+def validate(
+    model: torch.nn.Module,
+    items: list[tuple[Path, Path, Path | None]],
+    data: PreparedData,
+    params: Params,
+    device: torch.device,
+) -> dict[str, float]:
+    """Full-image tiled inference + post-processing on the validation images; the summary figures."""
+    from nucleiseg.infer import predict_probabilities
+    from nucleiseg.labels import read_label
+    from nucleiseg.metrics import evaluate_image, summarize
+    from nucleiseg.postprocess import postprocess
+
+    per_image = {}
+    was_training = model.training
+    model.eval()
+    for image_path, label_path, other_path in items:
+        image = read_image(image_path)
+        probs = predict_probabilities(
+            model,
+            image,
+            data.mean,
+            data.std,
+            tile=params.infer.tile,
+            overlap=params.infer.overlap,
+            batch_size=params.infer.batch_size,
+            device=device,
+        )
+        pred = postprocess(probs, min_area=params.post.min_area, radius=params.post.radius)
+        ignore = read_label(other_path) > 0 if other_path is not None else None
+        per_image[image_path.stem] = evaluate_image(pred, read_label(label_path), ignore=ignore)
+    model.train(was_training)
+    summary = summarize(per_image)
+    figures = {f"val_{k}": summary["all"][k] for k in ("f1", "dice", "hausdorff", "aji", "pq")}
+    figures["val_accuracy"] = summary["classification"]["accuracy"]
+    return {k: float("nan") if v is None else float(v) for k, v in figures.items()}
+
+
+# ----------------------------------------------------------------------------------------------------
+# The run
+
+
+@dataclass
+class TrainResult:
+    out_dir: Path
+    best_score: float
+    best_epoch: int
+    epochs_run: int
+    history: list[dict[str, float]] = field(default_factory=list)
+    run_id: str | None = None
+    model_uri: str | None = None
+    encoder_pretrained: bool = False
+    seconds: float = 0.0
+
+
+def _log(callback: Callable[[str], None] | None, message: str) -> None:
+    if callback is not None:
+        callback(message)
+    log.info(message)
+
+
+def train(
+    params: Params,
+    prepared_dir: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str] | None = None,
+    *,
+    resume: bool = False,
+    track: bool = True,
+    progress: bool = True,
+    max_epochs: int | None = None,
+    epoch_callback: Callable[[int, dict[str, float]], None] | None = None,
+    echo: Callable[[str], None] | None = None,
+) -> TrainResult:
+    """Train one model. ``max_epochs`` stops early (the schedule still counts ``train.epochs``).
+
+    ``epoch_callback(epoch, metrics)`` is called on rank 0 after each validated epoch; it may raise to
+    stop the run (Optuna's pruning does).
+    """
+    from nucleiseg.data import NucleiDataset, build_augmentation
+    from nucleiseg.losses import SegmentationLoss
+    from nucleiseg.models import create_model
+
+    t_start = time.perf_counter()
+    out = Path(out_dir or params.train.out_dir)
+    tp = params.train
+    device = select_device(tp.device)
+    dist_info = init_distributed(device)
+    if device.type == "cpu" and tp.threads:
+        torch.set_num_threads(tp.threads)
+    seed_everything(tp.seed + dist_info.rank, tp.deterministic)
+
+    data = load_prepared(prepared_dir)
+    aug = params.augmentation
+    dataset = NucleiDataset(
+        data.train_pairs,
+        transform=build_augmentation(
+            crop=aug.crop,
+            scale=aug.scale,
+            flip=aug.flip,
+            rotate=aug.rotate,
+            affine_shear=aug.affine_shear,
+            elastic=aug.elastic,
+            elastic_alpha=aug.elastic_alpha,
+            elastic_sigma=aug.elastic_sigma,
+            color_jitter=aug.color_jitter,
+        ),
+        mean=data.mean,
+        std=data.std,
+        w0=params.loss.w0,
+        sigma=params.loss.sigma,
+    )
+    samples = SeededSamples(dataset, tp.seed)
+
+    model, model_info = create_model(
+        params.model.name,
+        encoder=params.model.encoder,
+        encoder_weights=params.model.encoder_weights,
+        num_classes=params.model.num_classes,
+        dropout=params.model.dropout,
+    )
+    model.to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    criterion = SegmentationLoss(beta=tp.beta, vgg_weights=params.loss.vgg_weights).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=tp.lr, betas=tuple(tp.betas), weight_decay=tp.weight_decay)
+    train_model: torch.nn.Module = model
+    if dist_info.world_size > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    start_epoch, best_score, best_epoch, history = 0, -math.inf, -1, []
+    last_path, best_path = out / "last.pt", out / "best.pt"
+    if resume:
+        if not last_path.is_file():
+            raise FileNotFoundError(f"{last_path}: no checkpoint to resume from")
+        ckpt = load_checkpoint(last_path, map_location=device)
+        model.load_state_dict(ckpt["state_dict"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        start_epoch, best_score, best_epoch = ckpt["epoch"] + 1, ckpt["best_score"], ckpt["best_epoch"]
+        history = list(ckpt["history"])
+        set_rng_state(ckpt["rng"])
+        _log(echo, f"resuming from {last_path} at epoch {start_epoch}")
+
+    base = {
+        "model_name": params.model.name,
+        "model_kwargs": model_spec(params),
+        "norm_mean": list(data.mean),
+        "norm_std": list(data.std),
+        "stain": data.stain,
+        "infer": params.infer.model_dump(mode="json"),
+        "post": params.post.model_dump(mode="json"),
+        "params": params.model_dump(mode="json"),
+    }
+    run = None
+    if track and dist_info.is_main:
+        run = _start_tracking(params, data, model_info, criterion, resume=resume, out=out)
+
+    end_epoch = tp.epochs if max_epochs is None else min(tp.epochs, start_epoch + max_epochs)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _nullcontext()
+    try:
+        for epoch in range(start_epoch, end_epoch):
+            loader = epoch_loader(samples, epoch, tp.batch_size, tp.num_workers, tp.seed, dist_info)
+            n_steps = len(loader) if tp.steps_per_epoch is None else min(len(loader), tp.steps_per_epoch)
+            sums = {"loss": 0.0, "ce": 0.0, "perceptual": 0.0}
+            t_epoch = time.perf_counter()
+            train_model.train()
+            bar = _progress(n_steps, f"epoch {epoch + 1}/{tp.epochs}", enabled=progress and dist_info.is_main)
+            for step, (images, targets, weights) in enumerate(loader):
+                if step >= n_steps:
+                    break
+                images = images.to(device, non_blocking=True)
+                if device.type == "cuda":
+                    images = images.contiguous(memory_format=torch.channels_last)
+                targets, weights = targets.to(device), weights.to(device)
+                with autocast:
+                    logits = train_model(images)
+                loss, parts = criterion(logits.float(), targets, weights)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                sums["loss"] += float(loss)
+                sums["ce"] += float(parts["ce"])
+                sums["perceptual"] += float(parts["perceptual"])
+                bar.update(loss=float(loss), per_s=(step + 1) * images.shape[0] / (time.perf_counter() - t_epoch))
+            bar.close()
+            metrics = {f"train_{k}": v / max(n_steps, 1) for k, v in sums.items()}
+            metrics["epoch_seconds"] = time.perf_counter() - t_epoch
+            is_val_epoch = (epoch + 1) % tp.val_every == 0 or epoch + 1 == end_epoch
+            if dist_info.is_main:
+                if is_val_epoch and data.val_items:
+                    metrics.update(validate(model, data.val_items, data, params, device))
+                score = metrics.get(f"val_{tp.val_metric}", -metrics["train_loss"])
+                score = -math.inf if score is None or math.isnan(score) else score
+                record = {"epoch": epoch + 1, **metrics}
+                history.append(record)
+                payload = {**base, "state_dict": model.state_dict()}
+                if is_val_epoch and score > best_score:
+                    best_score, best_epoch = score, epoch + 1
+                    save_checkpoint(best_path, {**payload, "epoch": epoch, "score": score})
+                save_checkpoint(
+                    last_path,
+                    {
+                        **payload,
+                        "optimizer": optimizer.state_dict(),
+                        "epoch": epoch,
+                        "best_score": best_score,
+                        "best_epoch": best_epoch,
+                        "history": history,
+                        "rng": rng_state(),
+                    },
+                )
+                if run is not None:
+                    import mlflow
+
+                    mlflow.log_metrics({k: v for k, v in metrics.items() if not math.isnan(v)}, step=epoch + 1)
+                _log(echo, f"epoch {epoch + 1}: " + _fmt(metrics))
+                if epoch_callback is not None and is_val_epoch:
+                    epoch_callback(epoch + 1, metrics)
+            if dist_info.world_size > 1:
+                torch.distributed.barrier()
+    except BaseException:
+        if run is not None:
+            import mlflow
+
+            mlflow.end_run(status="KILLED")
+        raise
+
+    result = TrainResult(
+        out_dir=out,
+        best_score=best_score,
+        best_epoch=best_epoch,
+        epochs_run=end_epoch - start_epoch,
+        history=history,
+        encoder_pretrained=bool(model_info.get("encoder_pretrained", False)),
+        seconds=time.perf_counter() - t_start,
+    )
+    if dist_info.is_main:
+        write_json_atomic(out / "history.json", history)
+        write_json_atomic(
+            out / "train_summary.json",
+            {
+                "best_score": best_score if math.isfinite(best_score) else None,
+                "best_epoch": best_epoch,
+                "epochs": len(history),
+                "seconds": round(result.seconds, 1),
+                "val_metric": tp.val_metric,
+                "encoder_pretrained": result.encoder_pretrained,
+            },
+        )
+    if run is not None:
+        result.run_id, result.model_uri = _finish_tracking(model, data, params, out, history, device)
+    if dist_info.world_size > 1:
+        torch.distributed.destroy_process_group()
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------
+# Helpers
+
+
+class _nullcontext:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def _fmt(metrics: dict[str, float]) -> str:
+    return " ".join(f"{k}={v:.4g}" for k, v in metrics.items())
+
+
+class _progress:
+    """A per-epoch progress bar with loss and speed (rich), silent when disabled."""
+
+    def __init__(self, total: int, description: str, enabled: bool) -> None:
+        self._bar = None
+        if enabled:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self._bar = Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("loss {task.fields[loss]:.4f}  {task.fields[per_s]:.1f} samples/s"),
+                TimeRemainingColumn(),
+                transient=False,
+            )
+            self._bar.start()
+            self._task = self._bar.add_task(description, total=total, loss=float("nan"), per_s=0.0)
+
+    def update(self, **fields: float) -> None:
+        if self._bar is not None:
+            self._bar.update(self._task, advance=1, **fields)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+
+
+def _start_tracking(
+    params: Params, data: PreparedData, model_info: dict[str, Any], criterion: Any, *, resume: bool, out: Path
+) -> Any:
+    import mlflow
+
+    from nucleiseg import tracking
+
+    tracking.configure(params.tracking.uri, params.tracking.experiment, params.tracking.artifacts)
+    run_id_file = out / "mlflow_run_id"
+    run_id = run_id_file.read_text().strip() if resume and run_id_file.is_file() else None
+    run = mlflow.start_run(run_id=run_id, run_name=None if run_id else f"{params.model.name}-train")
+    if run_id is None:
+        out.mkdir(parents=True, exist_ok=True)
+        run_id_file.write_text(run.info.run_id)
+        tracking.log_params(params.flat())
+        vgg_pretrained = getattr(criterion, "vgg_pretrained", None)
+        mlflow.set_tags(
+            {
+                "git_commit": tracking.git_commit() or "unknown",
+                "dataset_hash": tracking.dataset_hash(data.root / "images"),
+                "params_hash": params.digest(),
+                "encoder_pretrained": str(bool(model_info.get("encoder_pretrained", False))).lower(),
+                "encoder_weights_source": str(model_info.get("weights_source", params.model.encoder_weights)),
+                "vgg_pretrained": "n/a" if vgg_pretrained is None else str(bool(vgg_pretrained)).lower(),
+            }
+        )
+        for note in model_info.get("warnings", []):
+            warnings.warn(note, stacklevel=2)
+    return run
+
+
+def _finish_tracking(
+    model: torch.nn.Module, data: PreparedData, params: Params, out: Path, history: list[dict[str, float]], device: Any
+) -> tuple[str, str]:
+    import mlflow
+
+    from nucleiseg import tracking
+
+    run_id = mlflow.active_run().info.run_id
+    curves = out / "learning_curves.png"
+    _plot_history(history, curves)
+    mlflow.log_artifact(str(curves))
+    mlflow.log_artifact(str(out / "history.json"))
+    overlay = _example_overlay(model, data, params, device, out)
+    if overlay is not None:
+        mlflow.log_artifact(str(overlay), artifact_path="overlays")
+    best = out / "best.pt"
+    if best.is_file():
+        model.load_state_dict(load_checkpoint(best, map_location=device)["state_dict"])
+    crop = params.augmentation.crop
+    example = np.zeros((1, 3, crop, crop), dtype=np.float32)
+    metadata = {
+        "model_kwargs": model_spec(params),
+        "norm_mean": list(data.mean),
+        "norm_std": list(data.std),
+        "stain": data.stain,
+        "infer": params.infer.model_dump(mode="json"),
+        "post": params.post.model_dump(mode="json"),
+    }
+    info = tracking.log_pytorch_model(model.cpu(), example, metadata=metadata)
+    mlflow.end_run()
+    (out / "model_uri").write_text(info.model_uri)
+    return run_id, info.model_uri
+
+
+def _plot_history(history: list[dict[str, float]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [h["epoch"] for h in history]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for key in ("train_loss", "train_ce", "train_perceptual"):
+        axes[0].plot(epochs, [h.get(key, np.nan) for h in history], marker="o", label=key)
+    axes[0].set_xlabel("epoch")
+    axes[0].set_title("training loss")
+    axes[0].legend()
+    for key in ("val_f1", "val_dice", "val_aji", "val_accuracy"):
+        axes[1].plot(epochs, [h.get(key, np.nan) for h in history], marker="o", label=key)
+    axes[1].set_xlabel("epoch")
+    axes[1].set_title("validation")
+    axes[1].legend()
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=90, format="png")
+    plt.close(fig)
+
+
+def _example_overlay(model: torch.nn.Module, data: PreparedData, params: Params, device: Any, out: Path) -> Path | None:
+    if not data.val_items:
+        return None
+    from nucleiseg.export import overlay
+    from nucleiseg.infer import predict_probabilities
+    from nucleiseg.io import write_image
+    from nucleiseg.postprocess import postprocess
+
+    image_path = data.val_items[0][0]
+    image = read_image(image_path)
+    model.eval()
+    probs = predict_probabilities(
+        model, image, data.mean, data.std, tile=params.infer.tile, overlap=params.infer.overlap, device=device
+    )
+    label = postprocess(probs, min_area=params.post.min_area, radius=params.post.radius)
+    path = out / f"{image_path.stem}_overlay.png"
+    write_image(path, overlay(image, label))
+    return path

@@ -1,0 +1,58 @@
+"""params.yaml is the single source of settings: validated once, errors name the key."""
+
+from pathlib import Path
+
+import pytest
+
+from nucleiseg.params import Params, ParamsError, load_params
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_repository_params_are_valid():
+    params = load_params(REPO / "params.yaml")
+    assert params.model.name == "resunet34"
+    assert params.loss.w0 == 10.0 and params.loss.sigma == 5.0
+    assert params.train.lr == 1e-4 and params.train.batch_size == 8
+
+
+def test_overrides_are_parsed_as_yaml(tmp_path):
+    params = load_params(REPO / "params.yaml", ["train.beta=0", "augmentation.scale=[1.0, 1.25]", "stain.method=none"])
+    assert params.train.beta == 0.0
+    assert params.augmentation.scale == (1.0, 1.25)
+    assert params.stain.method == "none"
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("model.name=segformer", "model.name"),
+        ("train.beta=-0.5", "train.beta"),
+        ("augmentation.crop=320", "patches.size"),
+        ("augmentation.crop=100", "augmentation.crop"),
+        ("train.lr=0", "train.lr"),
+        ("infer.overlap=300", "overlap"),
+        ("nonsense.key=1", "nonsense"),
+        ("train.epoch=3", "train.epoch"),
+    ],
+)
+def test_bad_settings_name_the_key(override, key):
+    with pytest.raises(ParamsError) as err:
+        load_params(REPO / "params.yaml", [override])
+    assert key in str(err.value)
+
+
+def test_missing_or_malformed_file_is_named(tmp_path):
+    with pytest.raises(ParamsError, match="not found"):
+        load_params(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [1, 2\n")
+    with pytest.raises(ParamsError, match=r"bad\.yaml"):
+        load_params(bad)
+
+
+def test_flat_and_digest_are_stable():
+    a, b = Params(), Params()
+    assert a.flat()["train.lr"] == 1e-4
+    assert a.digest() == b.digest()
+    assert load_params(None, ["train.seed=1"]).digest() != a.digest()
