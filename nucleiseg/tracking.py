@@ -122,5 +122,8 @@ def log_pytorch_model(
         signature=signature,
         input_example=example,
         metadata=dict(metadata or {}),
+        # MLflow 3 defaults to torch.export ("pt2"), which fixes the graph to the example's shape;
+        # tiled inference needs any batch and tile size, so keep the plain module.
+        serialization_format="pickle",
         pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "timm", "numpy"],
     )

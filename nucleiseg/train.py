@@ -552,7 +552,7 @@ def _start_tracking(
         mlflow.set_tags(
             {
                 "git_commit": tracking.git_commit() or "unknown",
-                "dataset_hash": tracking.dataset_hash(data.root / "images"),
+                "dataset_hash": _dataset_hash(params.data.dir, data.root),
                 "params_hash": params.digest(),
                 "encoder_pretrained": str(bool(model_info.get("encoder_pretrained", False))).lower(),
                 "encoder_weights_source": str(model_info.get("weights_source", params.model.encoder_weights)),
@@ -562,6 +562,14 @@ def _start_tracking(
         for note in model_info.get("warnings", []):
             warnings.warn(note, stacklevel=2)
     return run
+
+
+def _dataset_hash(data_dir: str, prepared_root: Path) -> str:
+    """The annotated dataset's content hash (as the registry records it); the prepared images' otherwise."""
+    from nucleiseg import tracking
+
+    folder = Path(data_dir)
+    return tracking.dataset_hash(folder if folder.is_dir() else prepared_root / "images")
 
 
 def _finish_tracking(

@@ -1,0 +1,500 @@
+"""The model registry: versions of the trained model, the ``challenger`` and ``champion`` aliases, the promotion gate.
+
+Definitions (MLflow 3 registry, aliases only; stages are deprecated and never used):
+
+- **version**: one registered copy of a logged model, tagged with where it came from (``dataset_hash``,
+  ``split_hash``, ``git_commit``, ``params_hash``) and its test figures, flattened to ``test.<group>.<figure>``
+  (``test.all.f1``, ``test.tumor.dice``, ...). ``split_hash`` names the test split those figures were measured on.
+- **challenger**: the alias of the most recently registered version, the candidate.
+- **champion**: the alias of the version batch inference serves (``models:/<name>@champion``).
+- **the gate** (:func:`promote_challenger`): the challenger takes ``champion`` only when its score on the current
+  test split beats the champion's on the same split: ``metric`` first, ``tie_breaker`` on a tie. Higher is better,
+  except for figures named in :data:`LOWER_IS_BETTER` (Hausdorff distance). A NaN score never beats a number, an
+  equal model never replaces the champion, and with no champion yet the challenger becomes champion. A version
+  whose figures come from another split is evaluated again, now, by the ``evaluate`` callable the caller supplies
+  (it receives ``models:/<name>/<version>`` and returns the nested summary of ``nucleiseg evaluate``); its tags are
+  updated and marked ``reevaluated.*``. Without an evaluator such a version cannot be compared and the champion
+  stays. The decision is recorded as ``promotion.*`` tags on the challenger, and the replaced champion is tagged
+  ``promotion.replaced_by``.
+
+Functions take an optional ``tracking_uri`` (the registry lives in the same store); without one they use the
+current MLflow configuration (see :func:`nucleiseg.tracking.configure`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+    from mlflow.entities.model_registry import ModelVersion
+
+CHALLENGER = "challenger"
+CHAMPION = "champion"
+METRIC_PREFIX = "test."
+# Figures where a smaller value is the better model (matched on the last dotted component).
+LOWER_IS_BETTER = frozenset({"hausdorff"})
+# Summary entries that are bookkeeping rather than figures; not copied to tags.
+_SKIPPED_KEYS = frozenset({"nan_skipped"})
+
+Evaluator = Callable[[str], Mapping[str, Any]]
+
+
+class RegistryError(RuntimeError):
+    """The registry cannot do what was asked (no such model, version or alias; unusable figures)."""
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What the gate (or a manual promotion) decided, and why.
+
+    ``decision`` is ``promoted``, ``rejected``, ``manual`` or ``unchanged`` (the version already was champion).
+    ``scores`` maps ``"challenger"`` / ``"champion"`` to the compared figures (``{metric: value}``) on the
+    current split; ``reevaluated`` lists the versions that were evaluated again because their split differed.
+    """
+
+    promoted: bool
+    challenger: str
+    champion_before: str | None
+    reason: str
+    scores: dict[str, dict[str, float]]
+    decision: str = "rejected"
+    reevaluated: tuple[str, ...] = field(default=())
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: NaN scores become ``None``."""
+        out = asdict(self)
+        out["scores"] = {
+            who: {k: (None if math.isnan(v) else v) for k, v in figures.items()} for who, figures in self.scores.items()
+        }
+        out["reevaluated"] = list(self.reevaluated)
+        return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# Helpers
+
+
+def split_hash(path: str | os.PathLike[str]) -> str:
+    """Hash of a split definition file (``splits.json``): sha256 of its bytes, 16 hex digits."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise RegistryError(f"{path}: cannot read the split file ({exc.strerror or exc})") from exc
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def flatten_metrics(metrics: Mapping[str, Any], prefix: str = METRIC_PREFIX) -> dict[str, str]:
+    """Nested figures as registry tags: ``{"all": {"f1": 0.8}}`` -> ``{"test.all.f1": "0.8"}``.
+
+    Scalars only (lists such as the confusion matrix stay in the metrics file); ``None`` (JSON's NaN)
+    is stored as ``nan``. Floats use their shortest exact text, so a tag reads back as the same number.
+    """
+    flat: dict[str, str] = {}
+    for key, value in metrics.items():
+        if key in _SKIPPED_KEYS:
+            continue
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten_metrics(value, f"{name}."))
+        elif value is None:
+            flat[name] = "nan"
+        elif isinstance(value, bool):
+            flat[name] = str(value).lower()
+        elif isinstance(value, int | float):
+            flat[name] = repr(float(value)) if isinstance(value, float) else str(value)
+        # other values (lists, strings) are not figures to compare
+    return flat
+
+
+def lookup_metric(metrics: Mapping[str, Any], dotted: str) -> float:
+    """The figure at ``dotted`` (``all.f1``) of a nested summary; NaN for ``None``; KeyError when absent."""
+    node: Any = metrics
+    for part in dotted.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            raise KeyError(dotted)
+        node = node[part]
+    if node is None:
+        return math.nan
+    if isinstance(node, Mapping | list | str):
+        raise KeyError(dotted)
+    return float(node)
+
+
+def _client(tracking_uri: str | None) -> MlflowClient:
+    from mlflow import MlflowClient
+
+    if tracking_uri is None:
+        return MlflowClient()
+    return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def _by_alias(client: MlflowClient, name: str, alias: str) -> ModelVersion | None:
+    """The version holding ``alias``, or None when the alias is unset (a missing model is an error)."""
+    aliases = _registered(client, name).aliases
+    version = aliases.get(alias)
+    return None if version is None else client.get_model_version(name, str(version))
+
+
+def _registered(client: MlflowClient, name: str) -> Any:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_registered_model(name)
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            raise RegistryError(f"no registered model {name!r}; register a version first") from exc
+        raise
+
+
+def _version(client: MlflowClient, name: str, version: str | int) -> ModelVersion:
+    from mlflow.exceptions import MlflowException
+
+    _registered(client, name)
+    try:
+        return client.get_model_version(name, str(version))
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            raise RegistryError(f"registered model {name!r} has no version {version}") from exc
+        raise
+
+
+def _tag_score(tags: Mapping[str, str], metric: str) -> float:
+    raw = tags.get(METRIC_PREFIX + metric)
+    if raw is None:
+        return math.nan
+    try:
+        return float(raw)
+    except ValueError:
+        return math.nan
+
+
+def _fmt(value: float) -> str:
+    return "NaN" if math.isnan(value) else f"{value:.6g}"
+
+
+def _source_run(client: MlflowClient, model_uri: str) -> tuple[str, str | None, str | None]:
+    """(source, run id, logged-model id) of a model URI: ``models:/<model_id>`` (MLflow 3 logged models),
+    ``runs:/<run>/<name>`` (resolved to the logged model of that run) or a local path / artifact URI."""
+    if model_uri.startswith("runs:/"):
+        run_id, _, name = model_uri.removeprefix("runs:/").partition("/")
+        run = client.get_run(run_id)
+        found = client.search_logged_models(
+            experiment_ids=[run.info.experiment_id],
+            filter_string=f"source_run_id = '{run_id}' AND name = '{name.strip('/')}'",
+        )
+        if not found:
+            raise RegistryError(f"{model_uri}: run {run_id} logged no model named {name!r}")
+        model_id = found[0].model_id
+        return f"models:/{model_id}", run_id, model_id
+    if model_uri.startswith("models:/m-") and "/" not in model_uri.removeprefix("models:/"):
+        model_id = model_uri.removeprefix("models:/")
+        return model_uri, client.get_logged_model(model_id).source_run_id, model_id
+    return model_uri, None, None
+
+
+# ----------------------------------------------------------------------------------------------------
+# Registering
+
+
+def register_model(
+    model_uri: str,
+    name: str,
+    test_metrics: Mapping[str, Any],
+    dataset_hash: str,
+    split_hash: str,
+    git_commit: str | None,
+    params_hash: str,
+    run_id: str | None = None,
+    *,
+    tracking_uri: str | None = None,
+) -> str:
+    """Add ``model_uri`` as a new version of ``name`` (created if needed), tagged with its provenance and
+    flattened test figures, and give it the ``challenger`` alias. Returns the version number (as text).
+
+    ``model_uri`` is the URI ``log_model`` returned (``models:/m-...``), a ``runs:/<run>/<name>`` URI, or a
+    path to a saved MLflow model. The version is linked to the run that logged the model; ``run_id`` is used
+    when the URI does not name one.
+    """
+    from mlflow.exceptions import MlflowException
+
+    client = _client(tracking_uri)
+    try:
+        client.create_registered_model(
+            name, description="Nuclei segmentation and classification (nucleiseg); see version tags."
+        )
+    except MlflowException as exc:
+        if exc.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
+            raise
+    source, source_run_id, model_id = _source_run(client, model_uri)
+    tags = {
+        **flatten_metrics(test_metrics),
+        "dataset_hash": dataset_hash,
+        "split_hash": split_hash,
+        "git_commit": git_commit or "unknown",
+        "params_hash": params_hash,
+        "registered.time": _now(),
+    }
+    version = client.create_model_version(
+        name, source, run_id=source_run_id or run_id, tags=tags, model_id=model_id
+    ).version
+    client.set_registered_model_alias(name, CHALLENGER, str(version))
+    return str(version)
+
+
+def registry_state(name: str, *, tracking_uri: str | None = None) -> dict[str, Any]:
+    """The registered model at a glance: its aliases (``{alias: version}``) and latest version."""
+    client = _client(tracking_uri)
+    model = _registered(client, name)
+    latest = client.search_model_versions(f"name = '{name}'", max_results=1, order_by=["version_number DESC"])
+    return {
+        "name": name,
+        "aliases": {alias: str(v) for alias, v in sorted(model.aliases.items())},
+        "latest_version": str(latest[0].version) if latest else None,
+    }
+
+
+# ----------------------------------------------------------------------------------------------------
+# Promotion
+
+
+def _scores_now(
+    client: MlflowClient,
+    name: str,
+    mv: ModelVersion,
+    keys: tuple[str, ...],
+    current_split: str | None,
+    evaluate: Evaluator | None,
+) -> tuple[dict[str, float] | None, bool]:
+    """The figures of ``mv`` on the current split, evaluating it again when its split differs.
+
+    Returns ``(scores, reevaluated)``; ``scores`` is None when the split differs and there is no evaluator.
+    """
+    tags = dict(mv.tags)
+    recorded_split = tags.get("split_hash")
+    if current_split is None or recorded_split == current_split:
+        return {k: _tag_score(tags, k) for k in keys}, False
+    if evaluate is None:
+        return None, False
+    uri = f"models:/{name}/{mv.version}"
+    fresh = evaluate(uri)
+    try:
+        scores = {k: lookup_metric(fresh, k) for k in keys}
+    except KeyError as exc:
+        raise RegistryError(f"the evaluation of {uri} has no figure {exc.args[0]!r}") from None
+    new_tags = flatten_metrics(fresh)
+    for key in tags:  # figures from the old split would mislead next to the new ones
+        if key.startswith(METRIC_PREFIX) and key not in new_tags:
+            client.delete_model_version_tag(name, str(mv.version), key)
+    new_tags.update(
+        {
+            "split_hash": current_split,
+            "reevaluated.from_split": recorded_split or "unknown",
+            "reevaluated.time": _now(),
+        }
+    )
+    for key, value in new_tags.items():
+        client.set_model_version_tag(name, str(mv.version), key, value)
+    return scores, True
+
+
+def _compare(new: Mapping[str, float], old: Mapping[str, float], metric: str, tie_breaker: str) -> tuple[bool, str]:
+    """Whether ``new`` beats ``old`` (metric, then tie breaker), and in words why."""
+    for key in dict.fromkeys((metric, tie_breaker)):
+        a, b = new[key], old[key]
+        lower = key.rsplit(".", 1)[-1] in LOWER_IS_BETTER
+        if math.isnan(a) and math.isnan(b):
+            continue
+        if math.isnan(a):
+            return False, f"its {key} is NaN, which never beats a number"
+        if math.isnan(b):
+            return True, f"the champion's {key} is NaN and its own is a number"
+        if math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12):
+            continue
+        better = a < b if lower else a > b
+        direction = "lower" if lower else "higher"
+        if key == metric:
+            verdict = "better" if better else "worse"
+            return better, f"{key} {_fmt(a)} vs {_fmt(b)} is {verdict} ({direction} is better)"
+        verdict = "wins" if better else "loses"
+        return (
+            better,
+            f"tie on {metric}; the tie breaker {key} {_fmt(a)} vs {_fmt(b)} {verdict} ({direction} is better)",
+        )
+    return False, f"tie on {metric} and {tie_breaker}: an equal model does not replace the champion"
+
+
+def _describe(label: str, version: str, scores: Mapping[str, float]) -> str:
+    return f"{label} v{version} " + ", ".join(f"{k}={_fmt(v)}" for k, v in scores.items())
+
+
+def _record(
+    client: MlflowClient,
+    name: str,
+    decision: Decision,
+    split: str | None,
+    metric: str | None,
+    by: str | None = None,
+) -> None:
+    """Write the decision as ``promotion.*`` tags on the challenger; tag a replaced champion."""
+    now = _now()
+    version = decision.challenger
+    tags = {
+        "promotion.decision": decision.decision,
+        "promotion.reason": decision.reason,
+        "promotion.compared_to": decision.champion_before or "none",
+        "promotion.time": now,
+    }
+    if metric is not None:
+        tags["promotion.metric"] = metric
+    if split is not None:
+        tags["promotion.split_hash"] = split
+    if by is not None:
+        tags["promotion.by"] = by
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, key, value)
+    # promotion.* tags from an earlier decision on this version would contradict this one; a rejected
+    # version keeps the record that it once was replaced as champion.
+    kept = set(tags) | (set() if decision.promoted else {"promotion.replaced_by", "promotion.replaced_time"})
+    for key in client.get_model_version(name, version).tags:
+        if key.startswith("promotion.") and key not in kept:
+            client.delete_model_version_tag(name, version, key)
+    if decision.promoted and decision.champion_before is not None:
+        client.set_model_version_tag(name, decision.champion_before, "promotion.replaced_by", version)
+        client.set_model_version_tag(name, decision.champion_before, "promotion.replaced_time", now)
+
+
+def promote_challenger(
+    name: str,
+    metric: str = "all.f1",
+    tie_breaker: str = "all.dice",
+    split_hash: str | None = None,
+    evaluate: Evaluator | None = None,
+    *,
+    tracking_uri: str | None = None,
+) -> Decision:
+    """Run the promotion gate on the ``challenger`` version of ``name`` (see the module docstring).
+
+    ``split_hash`` is the current test split (None: trust the recorded figures without checking their split).
+    ``evaluate(model_uri) -> nested summary`` scores a version on the current split when its recorded split
+    differs. The decision is returned and recorded as ``promotion.*`` tags on the challenger.
+    """
+    client = _client(tracking_uri)
+    challenger = _by_alias(client, name, CHALLENGER)
+    if challenger is None:
+        raise RegistryError(f"registered model {name!r} has no {CHALLENGER!r} version; run `nucleiseg register`")
+    champion = _by_alias(client, name, CHAMPION)
+    new_v = str(challenger.version)
+    old_v = None if champion is None else str(champion.version)
+    keys = tuple(dict.fromkeys((metric, tie_breaker)))
+    uses_recorded = split_hash is None or challenger.tags.get("split_hash") == split_hash
+    if uses_recorded and METRIC_PREFIX + metric not in challenger.tags:
+        recorded = sorted(k.removeprefix(METRIC_PREFIX) for k in challenger.tags if k.startswith(METRIC_PREFIX))
+        raise RegistryError(
+            f"version {new_v} of {name!r} has no figure {metric!r} (recorded: {', '.join(recorded) or 'none'})"
+        )
+    if old_v == new_v:
+        scores = {"challenger": {k: _tag_score(challenger.tags, k) for k in keys}}
+        return Decision(False, new_v, old_v, f"v{new_v} already is the champion", scores, "unchanged")
+
+    new_scores, new_re = _scores_now(client, name, challenger, keys, split_hash, evaluate)
+    reevaluated = (new_v,) if new_re else ()
+    if champion is None:
+        figures = new_scores or {k: _tag_score(challenger.tags, k) for k in keys}
+        note = "" if new_scores is not None else f" (its figures are from split {challenger.tags.get('split_hash')})"
+        decision = Decision(
+            True,
+            new_v,
+            None,
+            f"no champion yet: {_describe('challenger', new_v, figures)} becomes champion{note}",
+            {"challenger": figures},
+            "promoted",
+            reevaluated,
+        )
+    else:
+        old_scores, old_re = _scores_now(client, name, champion, keys, split_hash, evaluate)
+        reevaluated += (old_v,) if old_re else ()
+        stale = [
+            f"v{mv.version} was scored on split {mv.tags.get('split_hash', 'unknown')}"
+            for mv, s in ((challenger, new_scores), (champion, old_scores))
+            if s is None
+        ]
+        if stale:
+            decision = Decision(
+                False,
+                new_v,
+                old_v,
+                f"cannot compare on the current split {split_hash}: {'; '.join(stale)}, and no evaluator was "
+                f"given to score it again; champion v{old_v} stays",
+                {},
+                "rejected",
+                reevaluated,
+            )
+        else:
+            assert new_scores is not None and old_scores is not None
+            better, why = _compare(new_scores, old_scores, metric, tie_breaker)
+            outcome = f"promoted over champion v{old_v}" if better else f"rejected; champion v{old_v} stays"
+            decision = Decision(
+                better,
+                new_v,
+                old_v,
+                f"{_describe('challenger', new_v, new_scores)}; {_describe('champion', old_v, old_scores)}: "
+                f"{why}; {outcome}",
+                {"challenger": new_scores, "champion": old_scores},
+                "promoted" if better else "rejected",
+                reevaluated,
+            )
+    if decision.promoted:
+        client.set_registered_model_alias(name, CHAMPION, new_v)
+    _record(client, name, decision, split_hash, metric)
+    return decision
+
+
+def promote_version(
+    name: str, version: str | int, reason: str = "manual", *, tracking_uri: str | None = None
+) -> Decision:
+    """Deliberately make ``version`` the champion, bypassing the gate; recorded as ``promotion.decision=manual``
+    with ``reason`` and, when the ``USER`` environment variable is set, ``promotion.by``."""
+    client = _client(tracking_uri)
+    mv = _version(client, name, version)
+    new_v = str(mv.version)
+    champion = _by_alias(client, name, CHAMPION)
+    old_v = None if champion is None else str(champion.version)
+    if old_v == new_v:
+        return Decision(False, new_v, old_v, f"v{new_v} already is the champion", {}, "unchanged")
+    by = os.environ.get("USER") or None
+    who = f" by {by}" if by else ""
+    replaced = f", replacing v{old_v}" if old_v else ""
+    decision = Decision(True, new_v, old_v, f"manual promotion{who}{replaced}: {reason}", {}, "manual")
+    client.set_registered_model_alias(name, CHAMPION, new_v)
+    _record(client, name, decision, None, None, by=by)
+    return decision
+
+
+__all__ = [
+    "CHALLENGER",
+    "CHAMPION",
+    "LOWER_IS_BETTER",
+    "Decision",
+    "Evaluator",
+    "RegistryError",
+    "flatten_metrics",
+    "lookup_metric",
+    "promote_challenger",
+    "promote_version",
+    "register_model",
+    "registry_state",
+    "split_hash",
+]

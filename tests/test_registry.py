@@ -1,0 +1,386 @@
+"""The model registry and the promotion gate, on a real MLflow SQLite store (no mocks).
+
+One store and one logged model serve the whole module (creating an MLflow SQLite store and logging a
+PyTorch model take seconds); each test registers versions under its own model name, so tests do not
+see each other's aliases or tags.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from nucleiseg import registry, tracking
+from nucleiseg.registry import CHALLENGER, CHAMPION, Decision, RegistryError
+
+EXAMPLE = np.linspace(0, 1, 3 * 8 * 8, dtype=np.float32).reshape(1, 3, 8, 8)
+
+
+class Store:
+    def __init__(self, root: Path, uri: str, model_uri: str, run_id: str, reference_output: np.ndarray) -> None:
+        self.root, self.uri, self.model_uri, self.run_id = root, uri, model_uri, run_id
+        self.reference_output = reference_output
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Store]:
+    import mlflow
+
+    root = tmp_path_factory.mktemp("mlflow")
+    uri = f"sqlite:///{root}/mlflow.db"
+    before = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)  # the store must be this one, never the user's
+        tracking.configure(uri, "registry-tests", root / "artifacts")
+        torch.manual_seed(0)
+        model = torch.nn.Conv2d(3, 5, 1)
+        with torch.no_grad():
+            reference = model(torch.from_numpy(EXAMPLE)).numpy()
+        with mlflow.start_run() as run:
+            info = tracking.log_pytorch_model(model, EXAMPLE, metadata={"norm_mean": [0.5, 0.5, 0.5]})
+        yield Store(root, uri, info.model_uri, run.info.run_id, reference)
+    mlflow.set_tracking_uri(before[0])
+    mlflow.set_registry_uri(before[1])
+
+
+def _summary(f1: float | None, dice: float | None = 0.7, hausdorff: float = 5.0) -> dict[str, Any]:
+    """The shape of ``nucleiseg evaluate``'s summary (the parts the registry reads, plus non-figures)."""
+    return {
+        "all": {"f1": f1, "dice": dice, "hausdorff": hausdorff, "tp": 10, "nan_skipped": {"f1": 0}},
+        "tumor": {"f1": 0.5, "dice": 0.6},
+        "classification": {"accuracy": 0.8, "confusion": [[1, 0, 0], [0, 1, 0], [0, 0, 1]]},
+        "n_images": 2,
+    }
+
+
+def _register(store: Store, name: str, f1: float | None, dice: float | None = 0.7, split: str = "split-a") -> str:
+    return registry.register_model(
+        store.model_uri,
+        name,
+        _summary(f1, dice),
+        dataset_hash="data-1",
+        split_hash=split,
+        git_commit="abc123",
+        params_hash="p-1",
+        tracking_uri=store.uri,
+    )
+
+
+def _tags(store: Store, name: str, version: str) -> dict[str, str]:
+    from mlflow import MlflowClient
+
+    return dict(MlflowClient(store.uri, store.uri).get_model_version(name, version).tags)
+
+
+def _aliases(store: Store, name: str) -> dict[str, str]:
+    return registry.registry_state(name, tracking_uri=store.uri)["aliases"]
+
+
+def _gate(store: Store, name: str, split: str | None = "split-a", evaluate: Any = None, **kw: Any) -> Decision:
+    return registry.promote_challenger(name, split_hash=split, evaluate=evaluate, tracking_uri=store.uri, **kw)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Pure helpers
+
+
+def test_flatten_metrics_keeps_figures_as_exact_text() -> None:
+    flat = registry.flatten_metrics(_summary(0.1 + 0.2, None))
+    assert flat["test.all.f1"] == repr(0.1 + 0.2) and float(flat["test.all.f1"]) == 0.1 + 0.2
+    assert flat["test.all.dice"] == "nan"  # JSON null (an undefined figure) reads back as NaN
+    assert flat["test.all.tp"] == "10" and flat["test.n_images"] == "2"
+    assert flat["test.classification.accuracy"] == "0.8"
+    assert not any("confusion" in k or "nan_skipped" in k for k in flat)
+
+
+def test_lookup_metric() -> None:
+    summary = _summary(0.5, None)
+    assert registry.lookup_metric(summary, "all.f1") == 0.5
+    assert math.isnan(registry.lookup_metric(summary, "all.dice"))
+    with pytest.raises(KeyError):
+        registry.lookup_metric(summary, "all.f2")
+    with pytest.raises(KeyError):
+        registry.lookup_metric(summary, "classification.confusion")
+
+
+def test_split_hash_reads_bytes(tmp_path: Path) -> None:
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text('{"test": ["x"]}')
+    b.write_text('{"test": ["y"]}')
+    assert len(registry.split_hash(a)) == 16 and registry.split_hash(a) != registry.split_hash(b)
+    with pytest.raises(RegistryError, match=r"missing\.json"):
+        registry.split_hash(tmp_path / "missing.json")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Registering and the gate
+
+
+def test_register_tags_provenance_and_sets_challenger(store: Store) -> None:
+    from mlflow import MlflowClient
+
+    version = _register(store, "reg", 0.5)
+    assert version == "1"
+    tags = _tags(store, "reg", version)
+    assert tags["test.all.f1"] == "0.5" and tags["test.tumor.dice"] == "0.6"
+    assert (tags["dataset_hash"], tags["split_hash"], tags["git_commit"], tags["params_hash"]) == (
+        "data-1",
+        "split-a",
+        "abc123",
+        "p-1",
+    )
+    assert _aliases(store, "reg") == {CHALLENGER: "1"}
+    mv = MlflowClient(store.uri, store.uri).get_model_version("reg", version)
+    assert mv.run_id == store.run_id  # linked to the run that logged the model
+    assert _register(store, "reg", 0.6) == "2"
+    assert _aliases(store, "reg") == {CHALLENGER: "2"}  # the alias moves to the newest version
+
+
+def test_gate_first_champion_then_better_promoted_then_worse_rejected(store: Store) -> None:
+    name = "gate"
+    v1 = _register(store, name, 0.5)
+    first = _gate(store, name)
+    assert first.promoted and first.champion_before is None and first.decision == "promoted"
+    assert _aliases(store, name)[CHAMPION] == v1
+    assert _tags(store, name, v1)["promotion.compared_to"] == "none"
+
+    v2 = _register(store, name, 0.6)
+    better = _gate(store, name)
+    assert better.promoted and better.champion_before == v1 and better.challenger == v2
+    assert better.scores == {
+        "challenger": {"all.f1": 0.6, "all.dice": 0.7},
+        "champion": {"all.f1": 0.5, "all.dice": 0.7},
+    }
+    assert _aliases(store, name) == {CHALLENGER: v2, CHAMPION: v2}
+    tags = _tags(store, name, v2)
+    assert tags["promotion.decision"] == "promoted" and tags["promotion.compared_to"] == v1
+    assert "0.6" in tags["promotion.reason"] and "0.5" in tags["promotion.reason"]
+    assert tags["promotion.metric"] == "all.f1" and tags["promotion.split_hash"] == "split-a"
+    assert tags["promotion.time"]
+    assert _tags(store, name, v1)["promotion.replaced_by"] == v2
+
+    v3 = _register(store, name, 0.4)
+    worse = _gate(store, name)
+    assert not worse.promoted and worse.decision == "rejected" and worse.champion_before == v2
+    assert _aliases(store, name) == {CHALLENGER: v3, CHAMPION: v2}
+    tags = _tags(store, name, v3)
+    assert tags["promotion.decision"] == "rejected" and tags["promotion.compared_to"] == v2
+    assert (
+        "0.4" in tags["promotion.reason"] and "0.6" in tags["promotion.reason"] and "worse" in tags["promotion.reason"]
+    )
+    assert "promotion.replaced_by" not in _tags(store, name, v2)
+
+    again = _gate(store, name)  # running the gate twice changes nothing
+    assert not again.promoted and _aliases(store, name)[CHAMPION] == v2
+
+
+@pytest.mark.parametrize(
+    ("dice", "promoted"),
+    [(0.8, True), (0.6, False), (0.7, False)],
+    ids=["higher-dice-wins", "lower-dice-loses", "full-tie-keeps-champion"],
+)
+def test_tie_on_f1_is_broken_by_dice(store: Store, dice: float, promoted: bool) -> None:
+    name = f"tie-{dice}"
+    v1 = _register(store, name, 0.5, dice=0.7)
+    _gate(store, name)
+    v2 = _register(store, name, 0.5, dice=dice)
+    decision = _gate(store, name)
+    assert decision.promoted is promoted
+    assert _aliases(store, name)[CHAMPION] == (v2 if promoted else v1)
+    reason = _tags(store, name, v2)["promotion.reason"]
+    assert ("tie" in reason) and ("all.dice" in reason)
+
+
+def test_nan_never_beats_a_number(store: Store) -> None:
+    name = "nan"
+    v1 = _register(store, name, 0.2)
+    _gate(store, name)
+    _register(store, name, None)  # F1 undefined (JSON null)
+    decision = _gate(store, name)
+    assert not decision.promoted and math.isnan(decision.scores["challenger"]["all.f1"])
+    assert _aliases(store, name)[CHAMPION] == v1
+    assert "NaN" in _tags(store, name, decision.challenger)["promotion.reason"]
+    assert json.loads(json.dumps(decision.to_dict()))["scores"]["challenger"]["all.f1"] is None
+
+    # A number beats a NaN champion.
+    name = "nan-champion"
+    _register(store, name, None)
+    _gate(store, name)
+    v2 = _register(store, name, 0.1)
+    assert _gate(store, name).promoted and _aliases(store, name)[CHAMPION] == v2
+
+
+def test_lower_is_better_metric(store: Store) -> None:
+    name = "hausdorff"
+    registry.register_model(
+        store.model_uri, name, _summary(0.5, hausdorff=6.0), "d", "s", None, "p", tracking_uri=store.uri
+    )
+    _gate(store, name, split="s", metric="all.hausdorff")
+    v2 = registry.register_model(
+        store.model_uri, name, _summary(0.4, hausdorff=4.0), "d", "s", None, "p", tracking_uri=store.uri
+    )
+    decision = _gate(store, name, split="s", metric="all.hausdorff")
+    assert decision.promoted and _aliases(store, name)[CHAMPION] == v2
+    assert _tags(store, name, v2)["git_commit"] == "unknown"
+
+
+class FigureTable:
+    """An evaluator: loads the version (proving the URI resolves) and reports figures from a table."""
+
+    def __init__(self, figures: dict[str, float], reference: np.ndarray) -> None:
+        self.figures, self.reference, self.calls = figures, reference, []
+
+    def __call__(self, model_uri: str) -> dict[str, Any]:
+        import mlflow
+
+        self.calls.append(model_uri)
+        model = mlflow.pytorch.load_model(model_uri)
+        with torch.no_grad():
+            assert np.allclose(model(torch.from_numpy(EXAMPLE)).numpy(), self.reference, atol=1e-6)
+        version = model_uri.rsplit("/", 1)[-1]
+        return _summary(self.figures[version], dice=0.7)
+
+
+@pytest.mark.parametrize(
+    ("fresh_f1", "promoted"), [(0.55, True), (0.65, False)], ids=["champion-drops", "champion-holds"]
+)
+def test_split_change_reevaluates_champion(store: Store, fresh_f1: float, promoted: bool) -> None:
+    name = f"resplit-{fresh_f1}"
+    v1 = _register(store, name, 0.9, split="old-split")  # looks better, but on another split
+    _gate(store, name, split="old-split")
+    v2 = _register(store, name, 0.6, split="new-split")
+    evaluate = FigureTable({v1: fresh_f1}, store.reference_output)
+    decision = _gate(store, name, split="new-split", evaluate=evaluate)
+
+    assert evaluate.calls == [f"models:/{name}/{v1}"]  # only the version scored on another split
+    assert decision.promoted is promoted and decision.reevaluated == (v1,)
+    assert decision.scores["champion"]["all.f1"] == fresh_f1  # the fresh figure, not the recorded 0.9
+    assert _aliases(store, name)[CHAMPION] == (v2 if promoted else v1)
+    champion_tags = _tags(store, name, v1)
+    assert champion_tags["test.all.f1"] == repr(fresh_f1) and champion_tags["split_hash"] == "new-split"
+    assert champion_tags["reevaluated.from_split"] == "old-split" and champion_tags["reevaluated.time"]
+    assert str(fresh_f1) in _tags(store, name, v2)["promotion.reason"]
+
+
+def test_split_change_without_evaluator_keeps_champion(store: Store) -> None:
+    name = "resplit-none"
+    v1 = _register(store, name, 0.3, split="old-split")
+    _gate(store, name, split="old-split")
+    _register(store, name, 0.9, split="new-split")
+    decision = _gate(store, name, split="new-split")
+    assert not decision.promoted and _aliases(store, name)[CHAMPION] == v1
+    assert "cannot compare" in decision.reason and "old-split" in decision.reason
+
+
+def test_manual_promotion_is_recorded(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    import mlflow
+
+    name = "manual"
+    v1 = _register(store, name, 0.6)
+    _gate(store, name)
+    v2 = _register(store, name, 0.4)
+    assert not _gate(store, name).promoted
+    monkeypatch.setenv("USER", "pathologist")
+    decision = registry.promote_version(name, v2, reason="better on our lab's stain", tracking_uri=store.uri)
+    assert decision.promoted and decision.decision == "manual" and decision.champion_before == v1
+    assert _aliases(store, name)[CHAMPION] == v2
+    tags = _tags(store, name, v2)
+    assert tags["promotion.decision"] == "manual" and tags["promotion.by"] == "pathologist"
+    assert "better on our lab's stain" in tags["promotion.reason"] and tags["promotion.compared_to"] == v1
+    assert "promotion.metric" not in tags  # left from the gate's rejection, which no longer applies
+    assert _tags(store, name, v1)["promotion.replaced_by"] == v2
+    assert registry.promote_version(name, v2, tracking_uri=store.uri).decision == "unchanged"
+    with pytest.raises(RegistryError, match="no version 9"):
+        registry.promote_version(name, 9, tracking_uri=store.uri)
+
+    # The champion alias serves the model: the same weights come back.
+    model = mlflow.pytorch.load_model(f"models:/{name}@{CHAMPION}")
+    with torch.no_grad():
+        assert np.allclose(model(torch.from_numpy(EXAMPLE)).numpy(), store.reference_output, atol=1e-6)
+
+
+def test_errors_name_the_problem(store: Store) -> None:
+    with pytest.raises(RegistryError, match="no registered model 'absent'"):
+        _gate(store, "absent")
+    name = "bad-metric"
+    _register(store, name, 0.5)
+    with pytest.raises(RegistryError, match=r"'all\.f2'"):
+        _gate(store, name, metric="all.f2")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Command line
+
+
+def _cli_files(tmp: Path, store: Store, f1: float) -> list[str]:
+    model_dir, data_dir = tmp / "models", tmp / "data"
+    model_dir.mkdir(exist_ok=True)
+    data_dir.mkdir(exist_ok=True)
+    (model_dir / "model_uri").write_text(store.model_uri)
+    (data_dir / "tile_1.png").write_bytes(b"not really a png, hashed as bytes")
+    (tmp / "splits.json").write_text('{"train": ["a"], "val": ["b"], "test": ["tile_1"]}')
+    (tmp / "metrics.json").write_text(json.dumps({"images": {}, "summary": _summary(f1)}))
+    return [
+        "--model-dir", str(model_dir), "--data-dir", str(data_dir),
+        "--splits", str(tmp / "splits.json"), "--metrics", str(tmp / "metrics.json"),
+    ]  # fmt: skip
+
+
+def test_cli_register_and_promote(store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from nucleiseg.cli import app
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    params = tmp_path / "params.yaml"
+    params.write_text("{}\n")
+    common = [
+        "--params", str(params),
+        "--set", f"tracking.uri={store.uri}",
+        "--set", f"tracking.artifacts={store.root / 'artifacts'}",
+        "--set", "promote.model_name=cli-model",
+    ]  # fmt: skip
+    out = tmp_path / "reports" / "registry.json"
+    runner = CliRunner()
+
+    result = runner.invoke(app, ["register", *common, *_cli_files(tmp_path, store, 0.7), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    assert report["version"] == "1" and report["aliases"] == {CHALLENGER: "1", CHAMPION: "1"}
+    assert report["decision"]["decision"] == "promoted" and report["split_hash"] == registry.split_hash(
+        tmp_path / "splits.json"
+    )
+    tags = _tags(store, "cli-model", "1")
+    assert tags["dataset_hash"] == tracking.dataset_hash(tmp_path / "data") and tags["test.all.f1"] == "0.7"
+
+    result = runner.invoke(app, ["register", *common, *_cli_files(tmp_path, store, 0.5), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    assert report["version"] == "2" and report["aliases"] == {CHALLENGER: "2", CHAMPION: "1"}
+    assert report["decision"]["decision"] == "rejected" and "rejected" in result.output
+
+    result = runner.invoke(app, ["promote", *common, "--version", "2", "--reason", "reviewed overlays"])
+    assert result.exit_code == 0, result.output
+    assert "manual" in result.output and _aliases(store, "cli-model")[CHAMPION] == "2"
+    assert _tags(store, "cli-model", "2")["promotion.decision"] == "manual"
+
+    gate_out = tmp_path / "gate.json"
+    result = runner.invoke(app, ["promote", *common, "--splits", str(tmp_path / "splits.json"), "--out", str(gate_out)])
+    assert result.exit_code == 0, result.output
+    assert json.loads(gate_out.read_text())["decision"]["decision"] == "unchanged"  # challenger v2 is champion
+
+    before = out.read_text()
+    args = ["register", *common, *_cli_files(tmp_path, store, 0.5)[:-2], "--metrics", str(tmp_path / "bad.json")]
+    (tmp_path / "bad.json").write_text("{not json")
+    result = runner.invoke(app, [*args, "--out", str(out)])
+    assert result.exit_code == 1 and "bad.json" in result.output
+    assert out.read_text() == before  # the earlier report is untouched
+
+    result = runner.invoke(app, ["promote", *common, "--version", "7"])
+    assert result.exit_code == 1 and "no version 7" in result.output
