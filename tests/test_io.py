@@ -41,3 +41,12 @@ def test_list_images_skips_labels(tmp_path):
     for name in ("a.png", "a_label.png", "a_other.png", "b.tif", "notes.txt"):
         (tmp_path / name).write_bytes(b"x")
     assert [p.name for p in list_images(tmp_path)] == ["a.png", "b.tif"]
+
+
+def test_atomic_writes_get_ordinary_permissions(tmp_path):
+    import os
+
+    write_json_atomic(tmp_path / "a.json", {})
+    plain = tmp_path / "b.json"
+    plain.write_text("{}")
+    assert os.stat(tmp_path / "a.json").st_mode & 0o777 == os.stat(plain).st_mode & 0o777
