@@ -64,15 +64,25 @@ class PatchParams(_Section):
 
 
 class ChecksParams(_Section):
-    """Great Expectations thresholds for the dataset manifest."""
+    """Great Expectations thresholds for the dataset manifest (see ``nucleiseg.validation``)."""
 
     min_side: int = Field(64, ge=1)
     max_side: int = Field(20000, ge=1)
-    min_mean_intensity: float = 15.0
-    max_mean_intensity: float = 240.0  # an all-white (no tissue) tile is above this
+    min_mean_intensity: float = Field(15.0, ge=0, le=255)  # an all-black tile is below this
+    # An all-white (no tissue) tile is above this; real CoNSeP train_25, mostly glass, is 240.6.
+    max_mean_intensity: float = Field(250.0, ge=0, le=255)
+    min_intensity_std: float = Field(2.0, ge=0)  # a flat fill of any colour is below this
     max_nucleus_fraction: float = Field(0.8, gt=0, le=1)
     min_images: int = Field(3, ge=1)
     allow_duplicates: bool = False
+
+    @model_validator(mode="after")
+    def _ranges_ordered(self) -> ChecksParams:
+        if self.min_side > self.max_side:
+            raise ValueError("min_side must not exceed max_side")
+        if self.min_mean_intensity > self.max_mean_intensity:
+            raise ValueError("min_mean_intensity must not exceed max_mean_intensity")
+        return self
 
 
 class AugmentationParams(_Section):
@@ -82,8 +92,8 @@ class AugmentationParams(_Section):
     rotate: float = Field(90.0, ge=0)
     affine_shear: float = Field(5.0, ge=0)
     elastic: bool = True
-    elastic_alpha: float = 30.0
-    elastic_sigma: float = 6.0
+    elastic_alpha: float = 300.0  # albumentations 2 normalises the noise: 300/10 moves pixels ~2.4 px
+    elastic_sigma: float = 10.0
     color_jitter: float = Field(0.0, ge=0)
 
     @field_validator("crop")

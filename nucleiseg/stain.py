@@ -1,0 +1,323 @@
+"""Stain normalisation of H&E tiles: Reinhard and Macenko, fitted on one reference tile.
+
+Both methods map the colours of a tile onto those of a reference tile so that the network sees a
+consistent stain appearance across slides, scanners and labs:
+
+- **Reinhard** (Reinhard et al., 2001): match the per-channel mean and standard deviation of the tile,
+  in CIE L*a*b*, to those of the reference.
+- **Macenko** (Macenko et al., ISBI 2009): in optical density (OD = -log(I / Io)), estimate the tile's
+  haematoxylin and eosin stain vectors from the extreme angles of its tissue pixels in the plane of the
+  two main eigenvectors, unmix every pixel into H and E concentrations, rescale these so that their
+  99th percentiles match the reference's, and re-mix them with the reference stain vectors.
+
+The numerics follow torchstain's numpy backend (Io = 240, alpha = 1, beta = 0.15, stain vectors ordered
+H first), reimplemented here rather than depended upon. ``none`` is the identity.
+
+A fitted normaliser is a few numbers: :meth:`StainNormalizer.save` writes them as a small JSON file that
+the pipeline versions, and :func:`load_normalizer` restores a normaliser that gives bit-identical output,
+so inference normalises exactly as training did.
+
+Tiles with little tissue: a pixel is *tissue* when its optical density is at least ``beta`` in every
+channel (torchstain's criterion). When fewer than ``min_tissue`` (a fraction, default 1%) of a tile's
+pixels are tissue, there is no stain to measure: :meth:`StainNormalizer.transform` returns the tile
+unchanged and warns (``StainWarning``) instead of producing NaN or tinting the glass. The same happens if
+a Macenko estimate comes out degenerate (non-finite, or a zero concentration percentile). Fitting on such
+a reference raises :class:`StainError`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+from nucleiseg.io import write_json_atomic
+
+METHODS = ("none", "reinhard", "macenko")
+FORMAT_VERSION = 1
+
+# torchstain / Macenko defaults.
+IO = 240.0  # transmitted light intensity
+BETA = 0.15  # OD threshold for a tissue pixel
+ALPHA = 1.0  # percentile of the extreme angles
+MIN_TISSUE = 0.01  # fraction of tissue pixels below which a tile is left as it is
+_MIN_TISSUE_PIXELS = 10  # absolute floor so the eigen-decomposition and percentiles are defined
+
+
+class StainError(ValueError):
+    """A normaliser cannot be fitted or loaded; the message says why (and names the file)."""
+
+
+class StainWarning(UserWarning):
+    """A tile was left unnormalised (too little tissue, or a degenerate stain estimate)."""
+
+
+def _check_rgb(rgb: np.ndarray) -> np.ndarray:
+    rgb = np.asarray(rgb)
+    if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
+        raise ValueError(f"expected an RGB uint8 image H x W x 3, got {rgb.dtype} {rgb.shape}")
+    if rgb.shape[0] == 0 or rgb.shape[1] == 0:
+        raise ValueError(f"empty image {rgb.shape}")
+    return rgb
+
+
+def optical_density(rgb: np.ndarray, io: float = IO) -> np.ndarray:
+    """Optical density ``-log((I + 1) / Io)`` per pixel and channel, float32 of shape (N, 3)."""
+    flat = rgb.reshape(-1, 3).astype(np.float32)
+    return -np.log((flat + 1.0) / np.float32(io))
+
+
+def tissue_fraction(rgb: np.ndarray, io: float = IO, beta: float = BETA) -> float:
+    """Fraction of pixels whose optical density is at least ``beta`` in all three channels."""
+    n_tissue, n_pixels = _tissue_count(_check_rgb(rgb), io, beta)
+    return n_tissue / n_pixels
+
+
+def _tissue_count(rgb: np.ndarray, io: float, beta: float) -> tuple[int, int]:
+    od = optical_density(rgb, io)
+    return int(np.all(od >= beta, axis=1).sum()), od.shape[0]
+
+
+def _enough_tissue(n_tissue: int, n_pixels: int, min_tissue: float) -> bool:
+    return n_tissue >= max(_MIN_TISSUE_PIXELS, min_tissue * n_pixels)
+
+
+@dataclass
+class StainNormalizer:
+    """Base class: the identity (``method = "none"``). Subclasses hold the fitted reference statistics."""
+
+    method: ClassVar[str] = "none"
+    min_tissue: float = MIN_TISSUE
+
+    def transform(self, rgb: np.ndarray) -> np.ndarray:
+        """Normalise an RGB uint8 tile; returns a new RGB uint8 array of the same shape."""
+        return _check_rgb(rgb).copy()
+
+    def _params(self) -> dict[str, Any]:
+        return {}
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fitted normaliser as plain JSON-able values (``from_dict`` restores it exactly)."""
+        return {"format": FORMAT_VERSION, "method": self.method, "min_tissue": self.min_tissue, **self._params()}
+
+    @staticmethod
+    def from_dict(data: dict[str, Any]) -> StainNormalizer:
+        """Rebuild a normaliser written by :meth:`to_dict`; raises :class:`StainError` on bad content."""
+        if not isinstance(data, dict):
+            raise StainError(f"expected a mapping, got {type(data).__name__}")
+        method = data.get("method")
+        if method not in METHODS:
+            raise StainError(f"unknown stain method {method!r}; expected one of {', '.join(METHODS)}")
+        if data.get("format", FORMAT_VERSION) != FORMAT_VERSION:
+            raise StainError(f"unsupported stain normaliser format {data.get('format')!r}")
+        try:
+            min_tissue = float(data.get("min_tissue", MIN_TISSUE))
+            if method == "none":
+                return StainNormalizer(min_tissue=min_tissue)
+            if method == "reinhard":
+                return ReinhardNormalizer(
+                    mean=_vector(data["mean"], 3, "mean"), std=_vector(data["std"], 3, "std"), min_tissue=min_tissue
+                )
+            stain_matrix = np.asarray(data["stain_matrix"], dtype=np.float64)
+            if stain_matrix.shape != (3, 2) or not np.all(np.isfinite(stain_matrix)):
+                raise StainError(f"stain_matrix must be 3 x 2 finite numbers, got {data['stain_matrix']!r}")
+            return MacenkoNormalizer(
+                stain_matrix=stain_matrix,
+                max_concentration=_vector(data["max_concentration"], 2, "max_concentration"),
+                io=float(data.get("io", IO)),
+                alpha=float(data.get("alpha", ALPHA)),
+                beta=float(data.get("beta", BETA)),
+                min_tissue=min_tissue,
+            )
+        except KeyError as exc:
+            raise StainError(f"{method} normaliser is missing the field {exc.args[0]!r}") from None
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the normaliser as a small JSON file, atomically."""
+        write_json_atomic(path, self.to_dict())
+
+    def _fallback(self, rgb: np.ndarray, why: str) -> np.ndarray:
+        warnings.warn(f"{self.method} stain normalisation skipped: {why}; tile returned unchanged", StainWarning, 3)
+        return rgb.copy()
+
+
+def _vector(values: Any, n: int, name: str) -> np.ndarray:
+    array = np.asarray(values, dtype=np.float64)
+    if array.shape != (n,) or not np.all(np.isfinite(array)):
+        raise StainError(f"{name} must be {n} finite numbers, got {values!r}")
+    return array
+
+
+# --- Reinhard ---------------------------------------------------------------------------------------
+
+
+def _rgb_to_lab(rgb: np.ndarray) -> np.ndarray:
+    import cv2
+
+    # float32 input gives true CIE L*a*b* (L in 0..100), not OpenCV's 8-bit rescaled version.
+    return cv2.cvtColor(rgb.astype(np.float32) / 255.0, cv2.COLOR_RGB2LAB)
+
+
+def _lab_to_rgb(lab: np.ndarray) -> np.ndarray:
+    import cv2
+
+    rgb = cv2.cvtColor(lab.astype(np.float32), cv2.COLOR_LAB2RGB)
+    return np.clip(np.rint(rgb * 255.0), 0, 255).astype(np.uint8)
+
+
+def _lab_stats(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    lab = _rgb_to_lab(rgb).reshape(-1, 3).astype(np.float64)
+    return lab.mean(axis=0), lab.std(axis=0)
+
+
+@dataclass
+class ReinhardNormalizer(StainNormalizer):
+    """Match mean and std per L*a*b* channel to the reference's (``mean``, ``std``)."""
+
+    method: ClassVar[str] = "reinhard"
+    mean: np.ndarray = field(default_factory=lambda: np.zeros(3))
+    std: np.ndarray = field(default_factory=lambda: np.ones(3))
+
+    def transform(self, rgb: np.ndarray) -> np.ndarray:
+        rgb = _check_rgb(rgb)
+        n_tissue, n_pixels = _tissue_count(rgb, IO, BETA)
+        if not _enough_tissue(n_tissue, n_pixels, self.min_tissue):
+            return self._fallback(rgb, f"only {n_tissue / n_pixels:.2%} of the pixels are tissue")
+        lab = _rgb_to_lab(rgb).astype(np.float64)
+        flat = lab.reshape(-1, 3)
+        mean, std = flat.mean(axis=0), flat.std(axis=0)
+        # A flat channel has nothing to rescale: only shift it.
+        scale = np.where(std > 1e-6, self.std / np.maximum(std, 1e-6), 1.0)
+        out = (lab - mean) * scale + self.mean
+        return _lab_to_rgb(out)
+
+    def _params(self) -> dict[str, Any]:
+        return {"mean": self.mean.tolist(), "std": self.std.tolist()}
+
+
+# --- Macenko ----------------------------------------------------------------------------------------
+
+
+def _stain_matrix(od_tissue: np.ndarray, alpha: float) -> np.ndarray:
+    """H and E unit OD vectors (columns, H first) from the tissue pixels' extreme angles."""
+    _, eigvecs = np.linalg.eigh(np.cov(od_tissue.T.astype(np.float64)))
+    plane = eigvecs[:, 1:3]  # the two largest eigenvalues
+    projected = od_tissue @ plane
+    phi = np.arctan2(projected[:, 1], projected[:, 0])
+    min_phi, max_phi = np.percentile(phi, [alpha, 100 - alpha])
+    v_min = plane @ np.array([np.cos(min_phi), np.sin(min_phi)])
+    v_max = plane @ np.array([np.cos(max_phi), np.sin(max_phi)])
+    # Eigenvectors have an arbitrary sign; stain OD vectors are positive.
+    v_min = v_min if v_min.sum() >= 0 else -v_min
+    v_max = v_max if v_max.sum() >= 0 else -v_max
+    # Haematoxylin absorbs more red than eosin does: the vector with the larger red OD is H.
+    return np.stack([v_min, v_max], axis=1) if v_min[0] > v_max[0] else np.stack([v_max, v_min], axis=1)
+
+
+def _concentrations(od: np.ndarray, stain_matrix: np.ndarray) -> np.ndarray:
+    """Least-squares H and E concentrations, shape (2, N)."""
+    return np.linalg.pinv(stain_matrix) @ od.T.astype(np.float64)
+
+
+def _macenko_estimate(
+    rgb: np.ndarray, io: float, alpha: float, beta: float, min_tissue: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray] | str:
+    """(stain matrix, concentrations, 99th percentiles) of a tile, or the reason it cannot be estimated."""
+    od = optical_density(rgb, io)
+    tissue = np.all(od >= beta, axis=1)
+    n_tissue = int(tissue.sum())
+    if not _enough_tissue(n_tissue, od.shape[0], min_tissue):
+        return f"only {n_tissue / od.shape[0]:.2%} of the pixels are tissue (need {min_tissue:.2%})"
+    with np.errstate(all="ignore"):
+        stain_matrix = _stain_matrix(od[tissue], alpha)
+        if not np.all(np.isfinite(stain_matrix)):
+            return "the stain vectors could not be estimated"
+        concentrations = _concentrations(od, stain_matrix)
+        max_c = np.percentile(concentrations, 99, axis=1)
+    if not (np.all(np.isfinite(max_c)) and np.all(max_c > 1e-6)):
+        return f"degenerate stain concentrations (99th percentiles {max_c.tolist()})"
+    return stain_matrix, concentrations, max_c
+
+
+@dataclass
+class MacenkoNormalizer(StainNormalizer):
+    """Re-mix each tile's H and E concentrations with the reference stain vectors and scale."""
+
+    method: ClassVar[str] = "macenko"
+    # torchstain's defaults, used until fitted.
+    stain_matrix: np.ndarray = field(
+        default_factory=lambda: np.array([[0.5626, 0.2159], [0.7201, 0.8012], [0.4062, 0.5581]])
+    )
+    max_concentration: np.ndarray = field(default_factory=lambda: np.array([1.9705, 1.0308]))
+    io: float = IO
+    alpha: float = ALPHA
+    beta: float = BETA
+
+    def transform(self, rgb: np.ndarray) -> np.ndarray:
+        rgb = _check_rgb(rgb)
+        estimate = _macenko_estimate(rgb, self.io, self.alpha, self.beta, self.min_tissue)
+        if isinstance(estimate, str):
+            return self._fallback(rgb, estimate)
+        _, concentrations, max_c = estimate
+        concentrations *= (self.max_concentration / max_c)[:, None]
+        out = self.io * np.exp(-(self.stain_matrix @ concentrations))
+        out = np.clip(np.rint(out), 0, 255).astype(np.uint8)
+        return out.T.reshape(rgb.shape)
+
+    def _params(self) -> dict[str, Any]:
+        return {
+            "stain_matrix": self.stain_matrix.tolist(),
+            "max_concentration": self.max_concentration.tolist(),
+            "io": self.io,
+            "alpha": self.alpha,
+            "beta": self.beta,
+        }
+
+
+# --- fitting and files ------------------------------------------------------------------------------
+
+
+def fit_normalizer(reference_rgb: np.ndarray, method: str, min_tissue: float = MIN_TISSUE) -> StainNormalizer:
+    """Fit a ``none | reinhard | macenko`` normaliser on a reference RGB uint8 tile.
+
+    Raises :class:`StainError` for an unknown method or a reference with less than ``min_tissue`` tissue.
+    """
+    if method not in METHODS:
+        raise StainError(f"unknown stain method {method!r}; expected one of {', '.join(METHODS)}")
+    if method == "none":
+        return StainNormalizer(min_tissue=min_tissue)
+    rgb = _check_rgb(reference_rgb)
+    if method == "reinhard":
+        n_tissue, n_pixels = _tissue_count(rgb, IO, BETA)
+        if not _enough_tissue(n_tissue, n_pixels, min_tissue):
+            raise StainError(
+                f"cannot fit a reinhard normaliser: the reference tile has {n_tissue / n_pixels:.2%} tissue "
+                f"(need at least {min_tissue:.2%}); choose a reference with tissue"
+            )
+        mean, std = _lab_stats(rgb)
+        return ReinhardNormalizer(mean=mean, std=std, min_tissue=min_tissue)
+    estimate = _macenko_estimate(rgb, IO, ALPHA, BETA, min_tissue)
+    if isinstance(estimate, str):
+        raise StainError(f"cannot fit a macenko normaliser on the reference tile: {estimate}; choose another")
+    stain_matrix, _, max_c = estimate
+    return MacenkoNormalizer(stain_matrix=stain_matrix, max_concentration=max_c, min_tissue=min_tissue)
+
+
+def load_normalizer(path: str | os.PathLike[str]) -> StainNormalizer:
+    """Read a normaliser saved by :meth:`StainNormalizer.save`; errors name the file."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise StainError(f"{path}: stain normaliser file not found") from None
+    except (OSError, ValueError) as exc:
+        raise StainError(f"{path}: not a readable stain normaliser JSON ({exc})") from None
+    try:
+        return StainNormalizer.from_dict(data)
+    except StainError as exc:
+        raise StainError(f"{path}: {exc}") from None
