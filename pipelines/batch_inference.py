@@ -1,0 +1,554 @@
+"""Batch inference (Prefect 3): segment every image of a folder with one trained model, skipping what is done.
+
+``batch_inference`` loads the model once, maps one ``predict-image`` task over the images, and ends with a
+summary of what succeeded, what was skipped and what failed, and why::
+
+    resolve the model (a registry alias becomes a fixed version) -> load it once
+      -> for each image: skip if up to date, else predict-image (mapped; threads, or Dask)
+      -> OUT_DIR/batch_summary.json + a Prefect Markdown artifact (key ``batch-inference``)
+
+Per image ``NAME`` the outputs are those of :func:`nucleiseg.infer.predict_file` (``NAME_label.png``,
+``NAME_overlay.png``, ``NAME.geojson``, ``NAME_nuclei.csv``; :func:`nucleiseg.export.output_paths`), each
+written atomically.
+
+Definitions
+-----------
+model identity
+    What the outputs were computed with: a checkpoint's resolved path and content hash, a registered model's
+    fixed version (``models:/<name>/<version>``, what ``@champion`` pointed to at load time) and source run, a
+    logged model's id, a run's model URI. It is recorded in the summary.
+model time
+    When that model came to be: a checkpoint's (or MLflow model folder's) modification time, a model version's
+    or logged model's ``creation_timestamp``, a run's start time. A version's weights never change after it is
+    created; tags and aliases do, so ``last_updated_timestamp`` would needlessly recompute after a promotion.
+up to date
+    An image is skipped (status ``skipped``, with the reason) when the previous ``batch_summary.json`` in
+    ``OUT_DIR`` has the same model identity and the same ``infer`` / ``post`` settings, lists the same input
+    file (resolved path) as ``ok`` or ``skipped``, and all four outputs exist and are newer than both the input
+    file and the model time. When the model time cannot be known (a remote artifact URI) nothing is skipped.
+
+Failures: a corrupt or unreadable image fails its own task only (the task raises; the error names the file).
+The flow collects every task's state, records the failures in the summary and still completes: it did its job,
+which is to process or account for every image. The caller decides what a failure means (``nucleiseg batch``
+exits 1). Only an unusable model or output folder fails the flow itself (before any image is touched).
+
+Task runners: ``runner="threads"`` (default) runs the mapped tasks on a :class:`ThreadPoolTaskRunner` of
+``workers`` threads that share the one loaded model (PyTorch and the post-processing release the GIL, so one
+image's network pass overlaps another's post-processing and writing). ``runner="dask"`` runs them on
+``prefect_dask.DaskTaskRunner`` (``pip install prefect-dask``): a local cluster of ``workers`` processes, or the
+scheduler at ``dask_address``. A model cannot be shared across processes, so on Dask each worker process loads
+the pinned model once (the flow still loads it first, to fail fast). The runner is a flow argument, entered
+inside the flow run, so it is recorded with the run's parameters and its task runs belong to this flow run.
+
+Caching: none in Prefect (``NO_CACHE``): the tasks' products are files, and whether they are current is the
+up-to-date rule above, which Prefect's input hashing could not express (and the model must not be hashed).
+No retries: decoding and inference are deterministic, a retry would fail the same way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+from prefect import flow, get_run_logger, task, unmapped
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.futures import wait
+from prefect.task_runners import ThreadPoolTaskRunner
+from prefect.utilities.annotations import quote
+
+from nucleiseg.export import output_paths
+from nucleiseg.infer import (
+    FileResult,
+    InferSettings,
+    ModelLoadError,
+    PostSettings,
+    Predictor,
+    expand_inputs,
+    load_predictor,
+    predict_file,
+)
+from nucleiseg.io import write_json_atomic
+
+SUMMARY_NAME = "batch_summary.json"
+ARTIFACT_KEY = "batch-inference"
+DEFAULT_MODEL = "models:/nucleiseg@champion"
+DEFAULT_WORKERS = 2
+Runner = Literal["threads", "dask"]
+RUNNERS = ("threads", "dask")
+# Statuses of earlier runs whose outputs may be reused.
+_REUSABLE = ("ok", "skipped")
+
+
+class BatchInferenceError(RuntimeError):
+    """The batch cannot run at all (bad folders, unavailable task runner); the message says what to fix."""
+
+
+# --- the model: identity, time, loading -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelVersionInfo:
+    """A model reference resolved to what will actually be loaded (see "model identity" above).
+
+    ``load_ref`` pins the reference (``models:/name@alias`` becomes ``models:/name/<version>``) so that a
+    moving alias cannot change the model between resolving and loading, or between Dask workers.
+    ``time`` is the model time in seconds since the epoch, None when unknown.
+    """
+
+    uri: str
+    load_ref: str
+    identity: str
+    time: float | None
+    version: str | None = None
+    run_id: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        created = None if self.time is None else datetime.fromtimestamp(self.time, UTC).isoformat(timespec="seconds")
+        return {
+            "uri": self.uri,
+            "identity": self.identity,
+            "version": self.version,
+            "run_id": self.run_id,
+            "created": created,
+        }
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
+def resolve_model(model_ref: str | os.PathLike[str]) -> ModelVersionInfo:
+    """Identity and time of a checkpoint file, a local MLflow model folder or an MLflow model URI.
+
+    ``models:/`` and ``runs:/`` URIs are resolved against the current MLflow tracking and registry URIs
+    (``MLFLOW_TRACKING_URI``, or :func:`nucleiseg.tracking.configure`). Raises :class:`ModelLoadError` naming
+    the reference when it does not exist (no such model, version or alias).
+    """
+    ref = os.fspath(model_ref)
+    if not ("://" in ref or ref.startswith(("models:/", "runs:/"))):
+        path = Path(ref).resolve()
+        if path.is_file():
+            digest = _sha256(path)
+            return ModelVersionInfo(ref, ref, f"{path}#sha256:{digest[:16]}", path.stat().st_mtime)
+        if path.is_dir() and (path / "MLmodel").is_file():
+            newest = max(p.stat().st_mtime for p in path.rglob("*") if p.is_file())
+            return ModelVersionInfo(ref, ref, f"{path}@{newest:.6f}", newest)
+        return ModelVersionInfo(ref, ref, ref, None)  # load_predictor reports what is wrong with it
+    return _resolve_mlflow(ref)
+
+
+def _resolve_mlflow(uri: str) -> ModelVersionInfo:
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient()
+    try:
+        if uri.startswith("models:/"):
+            target = uri.removeprefix("models:/").strip("/")
+            if "@" in target:
+                name, alias = target.rsplit("@", 1)
+                return _version_info(uri, client.get_model_version_by_alias(name, alias))
+            name, _, version = target.rpartition("/")
+            if name and version.isdigit():
+                return _version_info(uri, client.get_model_version(name, version))
+            if name and version == "latest":
+                found = client.search_model_versions(
+                    f"name = '{name}'", max_results=1, order_by=["version_number DESC"]
+                )
+                if not found:
+                    raise ModelLoadError(f"{uri}: registered model {name!r} has no versions")
+                return _version_info(uri, found[0])
+            if not name and version.startswith("m-"):  # an MLflow 3 logged model id
+                logged = client.get_logged_model(version)
+                return ModelVersionInfo(
+                    uri, uri, uri, logged.creation_timestamp / 1000, run_id=logged.source_run_id
+                )  # fmt: skip
+        elif uri.startswith("runs:/"):
+            run_id = uri.removeprefix("runs:/").split("/", 1)[0]
+            run = client.get_run(run_id)
+            return ModelVersionInfo(uri, uri, uri, run.info.start_time / 1000, run_id=run_id)
+    except MlflowException as exc:
+        raise ModelLoadError(f"{uri}: cannot resolve the model ({exc.message})") from None
+    return ModelVersionInfo(uri, uri, uri, None)  # stages, remote artifact URIs: no identity beyond the URI
+
+
+def _version_info(uri: str, mv: Any) -> ModelVersionInfo:
+    pinned = f"models:/{mv.name}/{mv.version}"
+    identity = f"{pinned} (run {mv.run_id})" if mv.run_id else pinned
+    return ModelVersionInfo(uri, pinned, identity, mv.creation_timestamp / 1000, str(mv.version), mv.run_id)
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """What a worker process needs to load the model on its own (Dask): a pinned reference and where MLflow is.
+
+    Small and picklable, unlike the model; :func:`worker_predictor` loads it once per process.
+    """
+
+    ref: str
+    identity: str
+    device: str
+    tracking_uri: str | None = None
+    registry_uri: str | None = None
+
+
+_worker_predictors: dict[ModelSource, Predictor] = {}
+_worker_lock = threading.Lock()
+
+
+def worker_predictor(source: ModelSource) -> Predictor:
+    """The predictor of ``source``, loaded once per process (the key includes the model identity, so a
+    retrained checkpoint at the same path is loaded again)."""
+    with _worker_lock:
+        predictor = _worker_predictors.get(source)
+        if predictor is None:
+            if source.tracking_uri is not None:
+                import mlflow
+
+                mlflow.set_tracking_uri(source.tracking_uri)
+                mlflow.set_registry_uri(source.registry_uri or source.tracking_uri)
+            predictor = _worker_predictors[source] = load_predictor(source.ref, source.device)
+        return predictor
+
+
+# --- up to date? ------------------------------------------------------------------------------------
+
+
+def read_previous_summary(out_dir: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The previous run's summary in ``out_dir``, or None when there is none or it is unreadable."""
+    path = Path(out_dir) / SUMMARY_NAME
+    try:
+        summary = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return summary if isinstance(summary, dict) and isinstance(summary.get("results"), list) else None
+
+
+@dataclass
+class PlannedImage:
+    """One input and what to do with it: ``entry`` is its summary entry when decided without predicting
+    (``skipped``, or ``failed`` for a name clash); ``reason`` says why it is computed or skipped."""
+
+    path: Path
+    name: str
+    reason: str
+    entry: dict[str, Any] | None = None
+
+
+def _setup_change(previous: Mapping[str, Any] | None, identity: str, settings: Mapping[str, Any]) -> str | None:
+    """None when ``previous`` was made with this model and these settings; else why its outputs cannot be reused."""
+    if previous is None:
+        return "no previous summary"
+    before = (previous.get("model") or {}).get("identity")
+    if before != identity:
+        return f"model changed (was {before})"
+    if previous.get("settings") != settings:
+        return "settings changed"
+    return None
+
+
+def up_to_date(
+    path: Path, name: str, out_dir: Path, model_time: float | None, earlier: Mapping[str, Any] | None
+) -> tuple[bool, str]:
+    """(skip?, reason) for one image, given its entry in a previous summary made with the same model and
+    settings (None: it has none). See "up to date" in the module docstring."""
+    if model_time is None:
+        return False, "model time unknown: never skipped"
+    if earlier is None:
+        return False, "not in the previous summary"
+    if earlier.get("status") not in _REUSABLE:
+        return False, "failed before"
+    outputs = output_paths(out_dir, name)
+    missing = [p.name for p in outputs.values() if not p.is_file()]
+    if missing:
+        return False, f"outputs missing: {', '.join(missing)}"
+    oldest = min(p.stat().st_mtime for p in outputs.values())
+    if path.stat().st_mtime >= oldest:
+        return False, "input newer than its outputs"
+    if model_time >= oldest:
+        return False, "model newer than the outputs"
+    return True, "up to date: outputs newer than the input and the model, same model and settings"
+
+
+def plan_images(
+    files: list[Path],
+    out_dir: Path,
+    model: ModelVersionInfo,
+    settings: Mapping[str, Any],
+    previous: Mapping[str, Any] | None,
+) -> list[PlannedImage]:
+    """Decide, per input, whether to predict it or skip it (``previous``: the last summary in ``out_dir``).
+
+    Two inputs with the same file stem would write the same outputs: the later one fails, naming both.
+    """
+    change = _setup_change(previous, model.identity, settings)
+    earlier: dict[Path, Mapping[str, Any]] = {}
+    if change is None and previous is not None:
+        earlier = {Path(r["input"]).resolve(): r for r in previous["results"] if isinstance(r, dict) and "input" in r}
+    planned: list[PlannedImage] = []
+    used: dict[str, Path] = {}
+    for path in files:
+        name = path.stem
+        if name in used:
+            error = f"{path}: output name {name!r} already used by {used[name]}"
+            planned.append(PlannedImage(path, name, error, FileResult(str(path), name, "failed", error).as_dict()))
+            continue
+        used[name] = path
+        before = earlier.get(path.resolve())
+        skip, reason = up_to_date(path, name, out_dir, model.time, before)
+        if skip and before is not None:
+            entry = {**before, "input": str(path), "status": "skipped", "reason": reason, "seconds": 0.0}
+            planned.append(PlannedImage(path, name, reason, entry))
+        else:
+            planned.append(PlannedImage(path, name, change or reason))
+    return planned
+
+
+# --- tasks ------------------------------------------------------------------------------------------
+
+
+@task(name="predict-image", task_run_name="predict-{name}", cache_policy=NO_CACHE, persist_result=False)
+def predict_image_task(
+    path: str,
+    name: str,
+    out_dir: str,
+    model: Predictor | ModelSource,
+    infer: InferSettings,
+    post: PostSettings,
+) -> dict[str, Any]:
+    """Segment one image and write its four outputs; raises (failing only this task) for a bad image."""
+    predictor = model if isinstance(model, Predictor) else worker_predictor(model)
+    return predict_file(predictor, path, out_dir, infer, post, name).as_dict()
+
+
+# --- the flow ---------------------------------------------------------------------------------------
+
+
+def task_runner(runner: str, workers: int, dask_address: str | None = None) -> Any:
+    """A fresh Prefect task runner: ``ThreadPoolTaskRunner`` or ``prefect_dask.DaskTaskRunner``."""
+    if workers < 1:
+        raise BatchInferenceError(f"workers must be >= 1, got {workers}")
+    if runner == "threads":
+        return ThreadPoolTaskRunner(max_workers=workers)
+    if runner == "dask":
+        try:
+            from prefect_dask import DaskTaskRunner
+        except ImportError:
+            raise BatchInferenceError(
+                "runner 'dask' needs the prefect-dask package (pip install prefect-dask); "
+                "use runner 'threads' on one machine"
+            ) from None
+        if dask_address:
+            return DaskTaskRunner(address=dask_address)
+        return DaskTaskRunner(cluster_kwargs={"n_workers": workers, "threads_per_worker": 1})
+    raise BatchInferenceError(f"unknown runner {runner!r}; expected one of {', '.join(RUNNERS)}")
+
+
+def _error_message(path: str, exc: Any) -> str:
+    """``Type: message`` naming the file (as :func:`nucleiseg.infer.predict_files` reports errors)."""
+    message = str(exc) if str(path) in str(exc) else f"{path}: {exc}"
+    return f"{type(exc).__name__}: {message}"
+
+
+def _settings(cls: type, defaults: Any, overrides: Mapping[str, Any] | None, section: str) -> Any:
+    unknown = sorted(set(overrides or {}) - set(cls.__dataclass_fields__))
+    if unknown:
+        raise BatchInferenceError(f"{section}: unknown keys {unknown} (known: {sorted(cls.__dataclass_fields__)})")
+    return cls(**{**defaults.__dict__, **(overrides or {})})
+
+
+def _markdown_cell(value: Any) -> str:
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def summary_markdown(summary: Mapping[str, Any]) -> str:
+    """The summary as Markdown: counts, model, and one table row per image (the Prefect artifact)."""
+    model = summary["model"]
+    lines = [
+        "# Batch inference",
+        "",
+        f"`{summary['input_dir']}` -> `{summary['out_dir']}` with `{model['uri']}` ({model['identity']})",
+        "",
+        f"**{summary['ok']} done, {summary['skipped']} skipped (up to date), {summary['failed']} failed** "
+        f"of {summary['inputs']} images; {summary['nuclei']} nuclei; {summary['seconds']:.1f} s",
+        "",
+        "| image | status | nuclei | tumor | lymphocyte | stroma | seconds | detail |",
+        "|---|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in summary["results"]:
+        failed = r["status"] == "failed"
+        counts = ["" if failed else r.get(k, "") for k in ("nuclei", "tumor", "lymphocyte", "stroma")]
+        detail = r.get("error") if failed else r.get("reason", "")
+        cells = [Path(r["input"]).name, r["status"], *counts, f"{r.get('seconds', 0):.2f}", detail or ""]
+        lines.append("| " + " | ".join(_markdown_cell(c) for c in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+@flow(name="batch-inference")
+def batch_inference(
+    input_dir: str,
+    out_dir: str,
+    model_uri: str = DEFAULT_MODEL,
+    infer: dict[str, Any] | None = None,
+    post: dict[str, Any] | None = None,
+    runner: Runner = "threads",
+    workers: int = DEFAULT_WORKERS,
+    device: str = "auto",
+    dask_address: str | None = None,
+) -> dict[str, Any]:
+    """Segment every image of ``input_dir`` into ``out_dir`` with ``model_uri``, skipping images already done.
+
+    ``model_uri``: a checkpoint file, a local MLflow model folder, or an MLflow URI (``models:/name@alias``,
+    ``models:/name/3``, ``runs:/<id>/model``), resolved against the current MLflow configuration.
+    ``infer`` (``tile``, ``overlap``, ``batch_size``, ``tta``) and ``post`` (``min_area``, ``radius``) default
+    to the model's own settings. ``runner``, ``workers``, ``dask_address``: see the module docstring.
+
+    Returns the summary also written to ``out_dir/batch_summary.json``: ``model`` (uri, identity, version,
+    run id, created), ``settings``, counts (``inputs``, ``ok``, ``skipped``, ``failed``, ``nuclei``) and
+    ``results``, one per image (:class:`nucleiseg.infer.FileResult` fields, status ``ok`` / ``skipped`` /
+    ``failed``, ``reason``: why it was computed or skipped, ``error``: why it failed). Raises
+    :class:`ModelLoadError` for an unusable model and :class:`BatchInferenceError` for unusable folders or
+    runner, before any image is processed.
+    """
+    logger = get_run_logger()
+    started = time.perf_counter()
+    source_dir, out = Path(input_dir), Path(out_dir)
+    if not source_dir.is_dir():
+        raise BatchInferenceError(f"{source_dir}: input folder not found")
+    if out.resolve() == source_dir.resolve():
+        # The outputs (NAME_overlay.png, ...) would be read as new input images by the next run.
+        raise BatchInferenceError(f"{out}: the output folder must not be the input folder")
+    runner_obj = task_runner(runner, workers, dask_address)  # fail on a missing prefect-dask before loading
+
+    resolved = resolve_model(model_uri)
+    predictor = load_predictor(resolved.load_ref, device)
+    logger.info(f"model {model_uri} -> {resolved.identity} on {predictor.device}")
+    if predictor.device.startswith("cuda"):
+        # Concurrent images would each switch the shared model's memory format; do it once for all of them.
+        import torch
+
+        predictor.model.to(memory_format=torch.channels_last)
+    infer_s = _settings(InferSettings, predictor.infer, infer, "infer")
+    post_s = _settings(PostSettings, predictor.post, post, "post")
+    settings = {"infer": dict(infer_s.__dict__), "post": dict(post_s.__dict__)}
+
+    files, problems = expand_inputs([source_dir])
+    planned = plan_images(files, out, resolved, settings, read_previous_summary(out))
+    todo = [p for p in planned if p.entry is None]
+    logger.info(f"{len(planned)} images: {len(todo)} to predict, {len(planned) - len(todo)} skipped or clashing")
+    if todo:
+        if runner == "threads":
+            model: Any = quote(predictor)  # shared in memory; quote: Prefect must not introspect the model
+        else:
+            import mlflow
+
+            model = ModelSource(resolved.load_ref, resolved.identity, device,
+                                mlflow.get_tracking_uri(), mlflow.get_registry_uri())  # fmt: skip
+        out.mkdir(parents=True, exist_ok=True)
+        with runner_obj:
+            futures = runner_obj.map(
+                predict_image_task,
+                {
+                    "path": [str(p.path) for p in todo],
+                    "name": [p.name for p in todo],
+                    "out_dir": unmapped(str(out)),
+                    "model": unmapped(model),
+                    "infer": unmapped(infer_s),
+                    "post": unmapped(post_s),
+                },
+            )
+            wait(futures)
+            for item, future in zip(todo, futures, strict=True):
+                if future.state.is_completed():
+                    item.entry = {**future.result(), "reason": item.reason}
+                else:  # the task's exception, returned rather than raised
+                    error = _error_message(str(item.path), future.result(raise_on_failure=False))
+                    logger.warning(f"failed: {error}")
+                    item.entry = FileResult(str(item.path), item.name, "failed", error).as_dict()
+
+    results = [p.as_dict() for p in problems] + [p.entry for p in planned if p.entry is not None]
+    counts = {s: sum(r["status"] == s for r in results) for s in ("ok", "skipped", "failed")}
+    summary = {
+        "flow": "batch-inference",
+        "input_dir": str(source_dir),
+        "out_dir": str(out),
+        "finished": datetime.now(UTC).isoformat(timespec="seconds"),
+        "model": resolved.as_dict(),
+        "device": predictor.device,
+        "settings": settings,
+        "runner": runner,
+        "workers": workers,
+        "seconds": round(time.perf_counter() - started, 3),
+        "inputs": len(results),
+        **counts,
+        "nuclei": sum(int(r.get("nuclei") or 0) for r in results if r["status"] != "failed"),
+        "results": results,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / SUMMARY_NAME, summary)
+    create_markdown_artifact(
+        key=ARTIFACT_KEY, markdown=summary_markdown(summary), description=f"Batch inference of {source_dir}"
+    )
+    logger.info(f"{summary['ok']} done, {summary['skipped']} skipped, {summary['failed']} failed; {out / SUMMARY_NAME}")
+    return summary
+
+
+def flow_arguments(
+    params: Any,
+    input_dir: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    model_uri: str | None = None,
+    tta: bool | None = None,
+    runner: str | None = None,
+    workers: int | None = None,
+    device: str = "auto",
+) -> dict[str, Any]:
+    """The keyword arguments of :func:`batch_inference` given by the settings (``infer``, ``post``,
+    ``promote.model_name``) and the command-line choices (plain values, as Prefect records them)."""
+    infer = params.infer.model_dump()
+    # infer.runner / infer.workers are proposed params keys; until the schema has them, the defaults apply.
+    runner = runner or infer.pop("runner", "threads")
+    workers = workers or infer.pop("workers", DEFAULT_WORKERS)
+    infer = {k: infer[k] for k in InferSettings.__dataclass_fields__ if k in infer}
+    if tta is not None:
+        infer["tta"] = tta
+    return {
+        "input_dir": str(input_dir),
+        "out_dir": str(out_dir),
+        "model_uri": model_uri or f"models:/{params.promote.model_name}@champion",
+        "infer": infer,
+        "post": params.post.model_dump(),
+        "runner": runner,
+        "workers": int(workers),
+        "device": device,
+    }
+
+
+__all__ = [
+    "ARTIFACT_KEY",
+    "DEFAULT_MODEL",
+    "SUMMARY_NAME",
+    "BatchInferenceError",
+    "ModelSource",
+    "ModelVersionInfo",
+    "PlannedImage",
+    "batch_inference",
+    "flow_arguments",
+    "plan_images",
+    "read_previous_summary",
+    "resolve_model",
+    "summary_markdown",
+    "task_runner",
+    "up_to_date",
+    "worker_predictor",
+]
