@@ -37,8 +37,6 @@ import contextlib
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -48,7 +46,15 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from nucleiseg.io import IMAGE_SUFFIXES, ImageReadError, list_images, read_raw, write_json_atomic, write_text_atomic
+from nucleiseg.io import (
+    IMAGE_SUFFIXES,
+    ImageReadError,
+    atomic_dir,
+    list_images,
+    read_raw,
+    write_json_atomic,
+    write_text_atomic,
+)
 from nucleiseg.labels import CLASS_NAMES
 from nucleiseg.params import ChecksParams
 
@@ -570,22 +576,9 @@ def validate_dataset(
 
 @contextlib.contextmanager
 def _atomic_dir(path: str | os.PathLike[str] | None) -> Iterator[Path | None]:
-    """Yield a fresh folder beside ``path``; on success it replaces ``path``, on error it is removed."""
+    """:func:`nucleiseg.io.atomic_dir`, or nothing to write when ``path`` is None."""
     if path is None:
         yield None
         return
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
+    with atomic_dir(path) as work:
         yield work
-        old = None
-        if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-            os.replace(target, old / target.name)
-        os.replace(work, target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        if work.exists():
-            shutil.rmtree(work, ignore_errors=True)

@@ -41,13 +41,10 @@ way and only delay the error.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
-import shutil
-import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +59,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 import nucleiseg.io
 import nucleiseg.stain
 import nucleiseg.validation
-from nucleiseg.io import IMAGE_SUFFIXES, read_image, write_image, write_json_atomic, write_text_atomic
+from nucleiseg.io import IMAGE_SUFFIXES, atomic_dir, read_image, write_image, write_json_atomic, write_text_atomic
 from nucleiseg.labels import CLASS_NAMES, read_label, write_label
 from nucleiseg.params import ChecksParams, Params
 from nucleiseg.prepare import SPLITS, channel_stats, split_dataset, write_patches, write_splits, write_stats
@@ -125,29 +122,6 @@ def _transient_io_error(task: Any, task_run: Any, state: Any) -> bool:
     except Exception:
         return False
     return isinstance(exc, OSError) and not isinstance(exc, (FileNotFoundError, PermissionError))
-
-
-@contextlib.contextmanager
-def _staging_dir(out_dir: Path) -> Iterator[Path]:
-    """A fresh folder beside ``out_dir``; swapped in for ``out_dir`` on success, deleted on error.
-
-    The previous ``out_dir`` is moved aside (same filesystem, so renames are atomic) and deleted only once
-    the new one is in place.
-    """
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
-        yield work
-        old = None
-        if out_dir.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-            os.replace(out_dir, old / out_dir.name)
-        os.replace(work, out_dir)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        if work.exists():
-            shutil.rmtree(work, ignore_errors=True)
 
 
 def _file_sha256(path: str | os.PathLike[str]) -> str:
@@ -286,7 +260,7 @@ def preprocess(
     out = Path(out_dir)
     data_sha256 = digest_task(data_dir)
     manifest = manifest_task(data_dir, data_sha256, ignore_suffix)
-    with _staging_dir(out) as work:
+    with atomic_dir(out) as work:
         validate_task(manifest, checks, str(work / "validation"), data_dir)
         names = manifest["name"].tolist()
         classes_present = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -24,3 +25,28 @@ def consep_dir() -> Path:
     if not (CONSEP_DIR / "train_1_label.png").is_file():
         pytest.skip(f"real CoNSeP tiles not found at {CONSEP_DIR}")
     return CONSEP_DIR
+
+
+@pytest.fixture(scope="session")
+def prefect_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """One temporary Prefect API server (own database and result storage) for the session: a start costs 15-40 s."""
+    from prefect.settings import (
+        PREFECT_HOME,
+        PREFECT_LOCAL_STORAGE_PATH,
+        PREFECT_LOGGING_TO_API_ENABLED,
+        temporary_settings,
+    )
+    from prefect.testing.utilities import prefect_test_harness
+
+    home = tmp_path_factory.mktemp("prefect_home")
+    with (
+        temporary_settings(
+            updates={
+                PREFECT_HOME: home,
+                PREFECT_LOCAL_STORAGE_PATH: home / "storage",
+                PREFECT_LOGGING_TO_API_ENABLED: False,
+            }
+        ),
+        prefect_test_harness(server_startup_timeout=120),  # generous: the server starts slowly on a loaded machine
+    ):
+        yield

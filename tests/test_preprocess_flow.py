@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -28,31 +27,6 @@ FLOW_ARGS = {
     "patch_size": PATCH,
     "patch_grid": GRID,
 }
-
-
-@pytest.fixture(scope="module")
-def prefect_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    """One temporary Prefect API server (own SQLite database and result storage) for the module's flow runs."""
-    from prefect.settings import (
-        PREFECT_HOME,
-        PREFECT_LOCAL_STORAGE_PATH,
-        PREFECT_LOGGING_TO_API_ENABLED,
-        temporary_settings,
-    )
-    from prefect.testing.utilities import prefect_test_harness
-
-    home = tmp_path_factory.mktemp("prefect_home")
-    with (
-        temporary_settings(
-            updates={
-                PREFECT_HOME: home,
-                PREFECT_LOCAL_STORAGE_PATH: home / "storage",
-                PREFECT_LOGGING_TO_API_ENABLED: False,
-            }
-        ),
-        prefect_test_harness(server_startup_timeout=120),  # generous: the server starts slowly on a loaded machine
-    ):
-        yield
 
 
 @pytest.fixture(scope="module")
