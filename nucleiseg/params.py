@@ -32,7 +32,8 @@ class SynthParams(_Section):
 
 
 class DataParams(_Section):
-    dir: str = "data/annotated"
+    dir: str = "synthetic"  # the annotated dataset the pipeline trains on
+    prepared: str = "prepared"  # output of the preprocessing flow
     ignore_suffix: str = "_other"
     synth: SynthParams = SynthParams()
 
@@ -40,7 +41,6 @@ class DataParams(_Section):
 class StainParams(_Section):
     method: Literal["none", "reinhard", "macenko"] = "none"
     reference: str | None = None  # image name in the dataset; None: the first training image
-    out: str = "data/prepared/stain.json"
 
 
 class SplitParams(_Section):

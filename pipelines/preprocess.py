@@ -335,19 +335,19 @@ def preprocess(
 
 
 def preprocess_from_params(
-    params: Params, data_dir: str | os.PathLike[str] | None = None, out_dir: str | os.PathLike[str] = "data/prepared"
+    params: Params, data_dir: str | os.PathLike[str] | None = None, out_dir: str | os.PathLike[str] | None = None
 ) -> dict[str, Any]:
     """Run :func:`preprocess` with the ``data``, ``stain``, ``split``, ``patches`` and ``checks`` settings."""
     return preprocess(**flow_arguments(params, data_dir, out_dir))
 
 
 def flow_arguments(
-    params: Params, data_dir: str | os.PathLike[str] | None = None, out_dir: str | os.PathLike[str] = "data/prepared"
+    params: Params, data_dir: str | os.PathLike[str] | None = None, out_dir: str | os.PathLike[str] | None = None
 ) -> dict[str, Any]:
     """The keyword arguments of :func:`preprocess` given by the settings (plain values, as Prefect records them)."""
     return {
         "data_dir": str(data_dir if data_dir is not None else params.data.dir),
-        "out_dir": str(out_dir),
+        "out_dir": str(out_dir if out_dir is not None else params.data.prepared),
         "ignore_suffix": params.data.ignore_suffix,
         "stain_method": params.stain.method,
         "stain_reference": params.stain.reference,

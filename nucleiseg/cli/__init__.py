@@ -1,6 +1,7 @@
 """The ``nucleiseg`` command line: a thin layer over the library, one module per area."""
 
 from nucleiseg.cli import (  # noqa: F401  (importing registers the commands)
+    batch,
     evaluation,
     inference,
     labels,

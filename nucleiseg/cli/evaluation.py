@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
-from nucleiseg.cli.app import app, fail
+from nucleiseg.cli.app import ParamsOption, SetOption, app, fail, read_params
 
 LABEL_SUFFIX = "_label.png"
 
@@ -94,3 +94,53 @@ def evaluate(
     )
     if failed:
         fail(f"{len(failed)} of {len(gts)} images not evaluated: {', '.join(sorted(failed))} (see above)")
+
+
+@app.command("score")
+def score(
+    model: Annotated[str, typer.Argument(help="Checkpoint path or MLflow model URI (models:/nucleiseg@champion).")],
+    params: ParamsOption = Path("params.yaml"),
+    set_: SetOption = None,
+    splits: Annotated[
+        Path | None, typer.Option(help="splits.json of `nucleiseg prepare` (default: data.prepared/splits.json).")
+    ] = None,
+    split: Annotated[str, typer.Option(help="Which split to score.")] = "test",
+    data_dir: Annotated[Path | None, typer.Option(help="Annotated dataset (default: data.dir).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Metrics JSON (default: eval.out).")] = None,
+    predictions: Annotated[Path | None, typer.Option(help="Also write the per-image outputs here.")] = None,
+) -> None:
+    """Predict a split's original images with MODEL and score them (the pipeline's evaluate stage).
+
+    Writes the metrics JSON (as `nucleiseg evaluate`) and, beside it, confusion.json with one row per
+    matched nucleus (actual, predicted) for DVC's confusion plot."""
+    settings = read_params(params, set_)
+    from nucleiseg import tracking
+    from nucleiseg.evaluation import confusion_rows, evaluate_model, split_items
+    from nucleiseg.infer import ModelLoadError, load_predictor
+    from nucleiseg.io import write_json_atomic
+
+    out = out or Path(settings.eval.out)
+    try:
+        splits = splits or Path(settings.data.prepared) / "splits.json"
+        items = split_items(data_dir or settings.data.dir, splits, split, settings.eval.ignore_suffix)
+    except (OSError, KeyError, ValueError) as exc:
+        fail(str(exc))
+        return
+    if "://" in model or model.startswith(("models:/", "runs:/")):
+        tracking.configure(settings.tracking.uri, settings.tracking.experiment, settings.tracking.artifacts)
+    try:
+        predictor = load_predictor(model, device=settings.train.device)
+    except ModelLoadError as exc:
+        fail(str(exc))
+        return
+    report = evaluate_model(predictor, items, out_dir=predictions, on_image=lambda n: typer.echo(f"scored {n}"))
+    report["model"] = model
+    report["split"] = split
+    write_json_atomic(out, _json_ready(report))
+    write_json_atomic(out.with_name("confusion.json"), confusion_rows(report))
+    s = report["summary"]
+    typer.echo(
+        f"{split}: {len(items)} image(s); F1 {_fmt(s['all']['f1'])}, Dice {_fmt(s['all']['dice'])}, "
+        f"Hausdorff {_fmt(s['all']['hausdorff'])}, AJI {_fmt(s['all']['aji'])}, PQ {_fmt(s['all']['pq'])}, "
+        f"accuracy {_fmt(s['classification']['accuracy'])}; written to {out}"
+    )

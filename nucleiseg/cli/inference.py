@@ -1,5 +1,127 @@
-"""Commands of this area register on the shared app."""
+"""``nucleiseg predict``: segment and classify the nuclei of images with a trained model."""
 
 from __future__ import annotations
 
-from nucleiseg.cli.app import app  # noqa: F401
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from nucleiseg.cli.app import ParamsOption, SetOption, app, fail, read_params
+
+DEFAULT_PARAMS = Path("params.yaml")
+
+
+@app.command("predict")
+def predict(
+    model: Annotated[
+        str,
+        typer.Argument(help="Checkpoint file (.pt) or MLflow model URI, e.g. models:/nucleiseg@champion."),
+    ],
+    inputs: Annotated[list[Path], typer.Argument(help="Images, or folders of images.", show_default=False)],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")],
+    tta: Annotated[
+        bool | None,
+        typer.Option("--tta/--no-tta", help="8-fold flip/rotation test-time augmentation (default: params infer.tta)."),
+    ] = None,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
+    params: ParamsOption = DEFAULT_PARAMS,
+    set_: SetOption = None,
+) -> None:
+    """Segment and classify the nuclei of every input image.
+
+    Per image NAME: NAME_label.png (16-bit label, class = id % 3: 0 tumor, 1 lymphocyte, 2 stroma).
+
+    NAME_overlay.png (outlines: red tumor, green lymphocyte, blue stroma), NAME.geojson (QuPath detections).
+
+    NAME_nuclei.csv (one row of measurements per nucleus); summary.json in OUT says what happened to each input.
+
+    Unreadable images are reported and skipped, the others finish; the exit code is 1 when any input failed.
+
+    Settings: params sections infer (tile, overlap, batch_size, tta) and post (min_area, radius).
+
+    Without a params.yaml the defaults (the paper's) apply.
+    """
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.table import Table
+
+    from nucleiseg.infer import (
+        FileResult,
+        InferSettings,
+        ModelLoadError,
+        PostSettings,
+        expand_inputs,
+        load_predictor,
+        predict_files,
+        summarize,
+    )
+    from nucleiseg.io import write_json_atomic
+
+    # The default params.yaml is optional (predict runs outside the project too); an explicit one is not.
+    settings = read_params(params if (params != DEFAULT_PARAMS or params.is_file()) else None, set_)
+    infer = InferSettings(**settings.infer.model_dump())
+    if tta is not None:
+        infer = InferSettings(**{**infer.__dict__, "tta": tta})
+    post = PostSettings(**settings.post.model_dump())
+
+    files, problems = expand_inputs(inputs)
+    if not files and not problems:
+        fail("no inputs given")
+    if "://" in model or model.startswith(("models:/", "runs:/")):
+        import mlflow
+
+        from nucleiseg.tracking import tracking_uri
+
+        uri = tracking_uri(settings.tracking.uri)
+        mlflow.set_tracking_uri(uri)
+        mlflow.set_registry_uri(uri)
+    try:
+        predictor = load_predictor(model, device=device)
+    except ModelLoadError as exc:
+        fail(str(exc))
+
+    console = Console(stderr=True)
+    with Progress(
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
+    ) as progress:
+        task = progress.add_task("predicting", total=len(files))
+
+        def advance(result: FileResult) -> None:
+            progress.update(task, advance=1, description=Path(result.input).name)
+
+        results = problems + predict_files(predictor, files, out, infer, post, on_result=advance)
+
+    summary = summarize(
+        results,
+        model=model,
+        device=predictor.device,
+        infer=infer.__dict__,
+        post=post.__dict__,
+        stain=None if predictor.stain is None else predictor.stain.method,
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / "summary.json", summary)
+
+    table = Table(title=f"nucleiseg predict -> {out}")
+    for column in ("input", "status", "nuclei", "tumor", "lymph", "stroma", "s"):
+        table.add_column(column, overflow="fold")
+    for r in results:
+        status = "[green]ok[/green]" if r.status == "ok" else "[red]failed[/red]"
+        counts = [str(v) if r.status == "ok" else "" for v in (r.nuclei, r.tumor, r.lymphocyte, r.stroma)]
+        table.add_row(Path(r.input).name, status, *counts, f"{r.seconds:.1f}")
+    Console().print(table)
+    for r in results:
+        if r.status == "failed":
+            typer.secho(f"failed: {r.error}", fg=typer.colors.RED, err=True)
+    n_failed = summary["failed"]
+    typer.echo(
+        f"{summary['ok']} of {summary['inputs']} inputs done, {n_failed} failed; summary: {out / 'summary.json'}"
+    )
+    if n_failed:
+        raise typer.Exit(1)

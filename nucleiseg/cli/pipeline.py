@@ -21,7 +21,6 @@ if TYPE_CHECKING:
     from nucleiseg.params import Params
     from nucleiseg.registry import Decision, Evaluator
 
-DEFAULT_SPLITS = Path("data/prepared/splits.json")
 DEFAULT_REPORT = Path("reports/registry.json")
 
 
@@ -129,7 +128,9 @@ def register_command(
     data_dir: Annotated[
         Path | None, typer.Option("--data-dir", help="The annotated dataset, hashed (default: data.dir).")
     ] = None,
-    splits: Annotated[Path, typer.Option("--splits", help="The split definition, hashed.")] = DEFAULT_SPLITS,
+    splits: Annotated[
+        Path | None, typer.Option("--splits", help="The split definition, hashed (default: data.prepared/splits.json).")
+    ] = None,
     out: Annotated[Path, typer.Option("--out", help="Where to write the registry summary JSON.")] = DEFAULT_REPORT,
 ) -> None:
     """Register the trained model as a new version (alias challenger) tagged with its test figures and
@@ -140,7 +141,7 @@ def register_command(
         model_dir or Path(settings.train.out_dir),
         metrics or Path(settings.eval.out),
         data_dir or Path(settings.data.dir),
-        splits,
+        splits or Path(settings.data.prepared) / "splits.json",
         out,
     )
     typer.echo(f"-> {out}")
@@ -155,8 +156,9 @@ def promote_command(
     ] = None,
     reason: Annotated[str, typer.Option("--reason", help="Why, for a manual promotion (recorded).")] = "manual",
     splits: Annotated[
-        Path, typer.Option("--splits", help="The current split definition, to check where figures come from.")
-    ] = DEFAULT_SPLITS,
+        Path | None,
+        typer.Option("--splits", help="The current split definition (default: data.prepared/splits.json)."),
+    ] = None,
     out: Annotated[Path | None, typer.Option("--out", help="Also write the decision as JSON here.")] = None,
 ) -> None:
     """Promote a model version to champion: with --version, deliberately (recorded as manual); without,
@@ -166,6 +168,7 @@ def promote_command(
     from nucleiseg.io import write_json_atomic
 
     name = settings.promote.model_name
+    splits = splits or Path(settings.data.prepared) / "splits.json"
     split = None
     if version is None:
         if splits.is_file():

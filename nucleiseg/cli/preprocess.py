@@ -62,7 +62,9 @@ def prepare_command(
     data_dir: Annotated[
         Path | None, typer.Option("--data-dir", help="Dataset folder (default: params data.dir).")
     ] = None,
-    out: Annotated[Path, typer.Option("--out", help="Output folder, replaced as a whole.")] = Path("data/prepared"),
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Output folder, replaced as a whole (default: data.prepared).")
+    ] = None,
 ) -> None:
     """Run the Prefect preprocessing flow: validate, split, stain-normalise, patches, channel statistics.
 
@@ -76,7 +78,7 @@ def prepare_command(
     from pipelines.preprocess import PreprocessError, preprocess_from_params
 
     try:
-        summary = preprocess_from_params(settings, data_dir, out)
+        summary = preprocess_from_params(settings, data_dir, out or settings.data.prepared)
     except DatasetValidationError as exc:
         typer.echo(exc.report.summary(), err=True)
         fail(f"{exc.report.dataset}: dataset is invalid; {out} left unchanged")

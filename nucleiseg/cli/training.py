@@ -14,7 +14,9 @@ from nucleiseg.cli.app import ParamsOption, SetOption, app, fail, read_params
 def train_command(
     params: ParamsOption = Path("params.yaml"),
     set_: SetOption = None,
-    prepared: Annotated[Path, typer.Option(help="Output of `nucleiseg prepare`.")] = Path("data/prepared"),
+    prepared: Annotated[
+        Path | None, typer.Option(help="Output of `nucleiseg prepare` (default: data.prepared).")
+    ] = None,
     out: Annotated[Path | None, typer.Option(help="Checkpoint folder (default: train.out_dir).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT/last.pt.")] = False,
     track: Annotated[bool, typer.Option("--track/--no-track", help="Log the run to MLflow.")] = True,
@@ -24,7 +26,7 @@ def train_command(
     from nucleiseg.train import train
 
     try:
-        result = train(settings, prepared, out, resume=resume, track=track, echo=typer.echo)
+        result = train(settings, prepared or settings.data.prepared, out, resume=resume, track=track, echo=typer.echo)
     except FileNotFoundError as exc:
         fail(str(exc))
         return

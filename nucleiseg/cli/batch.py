@@ -1,0 +1,78 @@
+"""``nucleiseg batch``: the Prefect batch-inference flow (pipelines/batch_inference.py) over a folder of images."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from nucleiseg.cli.app import ParamsOption, SetOption, app, fail, read_params
+
+DEFAULT_PARAMS = Path("params.yaml")
+
+
+@app.command("batch")
+def batch_command(
+    input_dir: Annotated[Path, typer.Argument(help="Folder of H&E images (label and ignore maps are left out).")],
+    out_dir: Annotated[Path, typer.Argument(help="Output folder (must differ from INPUT_DIR).")],
+    model: Annotated[
+        str | None,
+        typer.Option(
+            "--model",
+            help="Checkpoint, MLflow model folder or URI (default: models:/<promote.model_name>@champion).",
+        ),
+    ] = None,
+    params: ParamsOption = DEFAULT_PARAMS,
+    set_: SetOption = None,
+    tta: Annotated[
+        bool | None,
+        typer.Option("--tta/--no-tta", help="8-fold flip/rotation test-time augmentation (default: infer.tta)."),
+    ] = None,
+    runner: Annotated[
+        str | None, typer.Option("--runner", help="Prefect task runner: threads, or dask (needs prefect-dask).")
+    ] = None,
+    workers: Annotated[
+        int | None, typer.Option("--workers", min=1, help="Images processed at once (threads or Dask workers).")
+    ] = None,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
+) -> None:
+    """Segment every image of INPUT_DIR with the champion model (or --model), as a Prefect flow.
+
+    Per image NAME it writes NAME_label.png, NAME_overlay.png, NAME.geojson and NAME_nuclei.csv (as
+    `nucleiseg predict`), and OUT_DIR/batch_summary.json: per image ok / skipped / failed and why, with the
+    model version used. Images whose outputs are newer than the image and the model, made by the same model
+    version and settings, are skipped. A corrupt image fails alone; the exit code is 1 when any failed.
+    MLflow URIs resolve against the params tracking store (or MLFLOW_TRACKING_URI).
+    """
+    # The default params.yaml is optional (batch runs outside the project too); an explicit one is not.
+    settings = read_params(params if (params != DEFAULT_PARAMS or params.is_file()) else None, set_)  # type: ignore[arg-type]
+    # Prefect's ephemeral API server starts in a subprocess: give a loaded machine time, and stay offline.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "60")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    from nucleiseg.infer import ModelLoadError
+    from pipelines.batch_inference import RUNNERS, SUMMARY_NAME, BatchInferenceError, batch_inference, flow_arguments
+
+    arguments = flow_arguments(settings, input_dir, out_dir, model, tta, runner, workers, device)
+    if arguments["runner"] not in RUNNERS:
+        fail(f"--runner {arguments['runner']!r}: expected one of {', '.join(RUNNERS)}", code=2)
+    uri = arguments["model_uri"]
+    if "://" in uri or uri.startswith(("models:/", "runs:/")):
+        from nucleiseg import tracking
+
+        tracking.configure(settings.tracking.uri, settings.tracking.experiment, settings.tracking.artifacts)
+    try:
+        summary = batch_inference(**arguments)
+    except (ModelLoadError, BatchInferenceError) as exc:
+        fail(str(exc))
+        return
+    for result in summary["results"]:
+        if result["status"] == "failed":
+            typer.secho(f"failed: {result['error']}", fg=typer.colors.RED, err=True)
+    typer.echo(
+        f"{summary['inputs']} images: {summary['ok']} done, {summary['skipped']} skipped (up to date), "
+        f"{summary['failed']} failed; model {summary['model']['identity']}; summary: {out_dir / SUMMARY_NAME}"
+    )
+    if summary["failed"]:
+        raise typer.Exit(1)
