@@ -141,6 +141,8 @@ class InferParams(_Section):
     overlap: int = Field(80, ge=0)
     batch_size: int = Field(8, ge=1)
     tta: bool = False
+    runner: Literal["threads", "dask"] = "threads"  # batch inference task runner (dask needs prefect-dask)
+    workers: int = Field(2, ge=1)  # images processed at once by batch inference
 
     @model_validator(mode="after")
     def _overlap_smaller_than_tile(self) -> InferParams:

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from nucleiseg.data import list_patches
 from nucleiseg.io import atomic_path, read_image, write_json_atomic
 from nucleiseg.params import Params
 
@@ -51,7 +52,7 @@ class PreparedData:
     """What training reads from the preprocessing flow's output folder."""
 
     root: Path
-    train_pairs: list[tuple[Path, Path]]
+    train_items: list[tuple[Path, Path, Path | None]]  # patch, label, ignore map
     val_items: list[tuple[Path, Path, Path | None]]  # image, label, ignore map
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
@@ -66,17 +67,15 @@ def load_prepared(root: str | os.PathLike[str]) -> PreparedData:
         raise FileNotFoundError(f"{stats_path}: not found; run `nucleiseg prepare` first")
     stats = json.loads(stats_path.read_text())
     patch_dir = root / "patches" / "train"
-    train_pairs = [(p, p.with_name(p.stem + "_label.png")) for p in sorted(patch_dir.glob("*.png"))]
-    train_pairs = [(i, lab) for i, lab in train_pairs if not i.stem.endswith(("_label", "_other"))]
-    if not train_pairs:
+    if not patch_dir.is_dir():
         raise FileNotFoundError(f"{patch_dir}: no training patches")
-    missing = [str(lab) for _, lab in train_pairs if not lab.is_file()]
-    if missing:
-        raise FileNotFoundError(f"training patches without a label: {', '.join(missing[:5])}")
+    train_items = list_patches(patch_dir)
+    if not train_items:
+        raise FileNotFoundError(f"{patch_dir}: no training patches")
     val_items = list(split_items(root, "val"))
     stain_path = root / "stain.json"
     stain = json.loads(stain_path.read_text()) if stain_path.is_file() else None
-    return PreparedData(root, train_pairs, val_items, tuple(stats["mean"]), tuple(stats["std"]), stain)
+    return PreparedData(root, train_items, val_items, tuple(stats["mean"]), tuple(stats["std"]), stain)
 
 
 def split_items(root: Path, split: str) -> list[tuple[Path, Path, Path | None]]:
@@ -326,7 +325,7 @@ def train(
     data = load_prepared(prepared_dir)
     aug = params.augmentation
     dataset = NucleiDataset(
-        data.train_pairs,
+        data.train_items,
         transform=build_augmentation(
             crop=aug.crop,
             scale=aug.scale,

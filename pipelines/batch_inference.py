@@ -33,12 +33,13 @@ which is to process or account for every image. The caller decides what a failur
 exits 1). Only an unusable model or output folder fails the flow itself (before any image is touched).
 
 Task runners: ``runner="threads"`` (default) runs the mapped tasks on a :class:`ThreadPoolTaskRunner` of
-``workers`` threads that share the one loaded model (PyTorch and the post-processing release the GIL, so one
-image's network pass overlaps another's post-processing and writing). ``runner="dask"`` runs them on
-``prefect_dask.DaskTaskRunner`` (``pip install prefect-dask``): a local cluster of ``workers`` processes, or the
-scheduler at ``dask_address``. A model cannot be shared across processes, so on Dask each worker process loads
-the pinned model once (the flow still loads it first, to fail fast). The runner is a flow argument, entered
-inside the flow run, so it is recorded with the run's parameters and its task runs belong to this flow run.
+``workers`` threads (default 2) that share the one loaded model (PyTorch and most of the post-processing
+release the GIL, so one image's network pass overlaps another's post-processing and writing).
+``runner="dask"`` runs them on ``prefect_dask.DaskTaskRunner`` (``pip install prefect-dask``): a local cluster
+of ``workers`` processes, or the scheduler at ``dask_address``. A model cannot be shared across processes, so
+on Dask each worker process loads the pinned model once (the flow still loads it first, to fail fast). The
+runner is a flow argument, entered inside the flow run, so it is recorded with the run's parameters and its
+task runs belong to this flow run.
 
 Caching: none in Prefect (``NO_CACHE``): the tasks' products are files, and whether they are current is the
 up-to-date rule above, which Prefect's input hashing could not express (and the model must not be hashed).
@@ -56,12 +57,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from prefect import flow, get_run_logger, task, unmapped
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import wait
+from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.annotations import quote
 
@@ -77,6 +79,9 @@ from nucleiseg.infer import (
     predict_file,
 )
 from nucleiseg.io import write_json_atomic
+
+if TYPE_CHECKING:
+    from nucleiseg.params import Params
 
 SUMMARY_NAME = "batch_summary.json"
 ARTIFACT_KEY = "batch-inference"
@@ -267,7 +272,7 @@ def up_to_date(
     if earlier is None:
         return False, "not in the previous summary"
     if earlier.get("status") not in _REUSABLE:
-        return False, "failed before"
+        return False, f"{earlier.get('status')} in the previous run"
     outputs = output_paths(out_dir, name)
     missing = [p.name for p in outputs.values() if not p.is_file()]
     if missing:
@@ -405,6 +410,7 @@ def batch_inference(
     workers: int = DEFAULT_WORKERS,
     device: str = "auto",
     dask_address: str | None = None,
+    names: list[str] | None = None,
 ) -> dict[str, Any]:
     """Segment every image of ``input_dir`` into ``out_dir`` with ``model_uri``, skipping images already done.
 
@@ -412,6 +418,7 @@ def batch_inference(
     ``models:/name/3``, ``runs:/<id>/model``), resolved against the current MLflow configuration.
     ``infer`` (``tile``, ``overlap``, ``batch_size``, ``tta``) and ``post`` (``min_area``, ``radius``) default
     to the model's own settings. ``runner``, ``workers``, ``dask_address``: see the module docstring.
+    ``names``: only the images with these file stems (e.g. a split of a dataset folder); all when None.
 
     Returns the summary also written to ``out_dir/batch_summary.json``: ``model`` (uri, identity, version,
     run id, created), ``settings``, counts (``inputs``, ``ok``, ``skipped``, ``failed``, ``nuclei``) and
@@ -443,10 +450,46 @@ def batch_inference(
     settings = {"infer": dict(infer_s.__dict__), "post": dict(post_s.__dict__)}
 
     files, problems = expand_inputs([source_dir])
+    if names is not None:
+        wanted = set(names)
+        files = [f for f in files if f.stem in wanted]
+        missing = sorted(wanted - {f.stem for f in files})
+        if missing:
+            raise BatchInferenceError(f"{source_dir}: no image for {', '.join(missing)}")
     planned = plan_images(files, out, resolved, settings, read_previous_summary(out))
     todo = [p for p in planned if p.entry is None]
     logger.info(f"{len(planned)} images: {len(todo)} to predict, {len(planned) - len(todo)} skipped or clashing")
+
+    def write_summary() -> dict[str, Any]:
+        results = [p.as_dict() for p in problems] + [
+            p.entry or {"input": str(p.path), "name": p.name, "status": "pending", "reason": p.reason} for p in planned
+        ]
+        counts = {s: sum(r["status"] == s for r in results) for s in ("ok", "skipped", "failed")}
+        summary = {
+            "flow": "batch-inference",
+            "flow_run_id": str(flow_run.id) if flow_run.id else None,
+            "input_dir": str(source_dir),
+            "out_dir": str(out),
+            "finished": datetime.now(UTC).isoformat(timespec="seconds"),
+            "model": resolved.as_dict(),
+            "device": predictor.device,
+            "settings": settings,
+            "runner": runner,
+            "workers": workers,
+            "seconds": round(time.perf_counter() - started, 3),
+            "inputs": len(results),
+            **counts,
+            "nuclei": sum(int(r.get("nuclei") or 0) for r in results if r["status"] in _REUSABLE),
+            "results": results,
+        }
+        write_json_atomic(out / SUMMARY_NAME, summary)
+        return summary
+
+    out.mkdir(parents=True, exist_ok=True)
     if todo:
+        # Recorded before any output is rewritten: if this run is interrupted, the images it was working on
+        # are "pending" (never reused) under this model, instead of looking up to date under the previous one.
+        write_summary()
         if runner == "threads":
             model: Any = quote(predictor)  # shared in memory; quote: Prefect must not introspect the model
         else:
@@ -454,7 +497,6 @@ def batch_inference(
 
             model = ModelSource(resolved.load_ref, resolved.identity, device,
                                 mlflow.get_tracking_uri(), mlflow.get_registry_uri())  # fmt: skip
-        out.mkdir(parents=True, exist_ok=True)
         with runner_obj:
             futures = runner_obj.map(
                 predict_image_task,
@@ -474,28 +516,10 @@ def batch_inference(
                 else:  # the task's exception, returned rather than raised
                     error = _error_message(str(item.path), future.result(raise_on_failure=False))
                     logger.warning(f"failed: {error}")
-                    item.entry = FileResult(str(item.path), item.name, "failed", error).as_dict()
+                    failed = FileResult(str(item.path), item.name, "failed", error).as_dict()
+                    item.entry = {**failed, "reason": item.reason}
 
-    results = [p.as_dict() for p in problems] + [p.entry for p in planned if p.entry is not None]
-    counts = {s: sum(r["status"] == s for r in results) for s in ("ok", "skipped", "failed")}
-    summary = {
-        "flow": "batch-inference",
-        "input_dir": str(source_dir),
-        "out_dir": str(out),
-        "finished": datetime.now(UTC).isoformat(timespec="seconds"),
-        "model": resolved.as_dict(),
-        "device": predictor.device,
-        "settings": settings,
-        "runner": runner,
-        "workers": workers,
-        "seconds": round(time.perf_counter() - started, 3),
-        "inputs": len(results),
-        **counts,
-        "nuclei": sum(int(r.get("nuclei") or 0) for r in results if r["status"] != "failed"),
-        "results": results,
-    }
-    out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out / SUMMARY_NAME, summary)
+    summary = write_summary()
     create_markdown_artifact(
         key=ARTIFACT_KEY, markdown=summary_markdown(summary), description=f"Batch inference of {source_dir}"
     )
@@ -504,7 +528,7 @@ def batch_inference(
 
 
 def flow_arguments(
-    params: Any,
+    params: Params,
     input_dir: str | os.PathLike[str],
     out_dir: str | os.PathLike[str],
     model_uri: str | None = None,
@@ -512,14 +536,14 @@ def flow_arguments(
     runner: str | None = None,
     workers: int | None = None,
     device: str = "auto",
+    names: list[str] | None = None,
 ) -> dict[str, Any]:
     """The keyword arguments of :func:`batch_inference` given by the settings (``infer``, ``post``,
     ``promote.model_name``) and the command-line choices (plain values, as Prefect records them)."""
     infer = params.infer.model_dump()
-    # infer.runner / infer.workers are proposed params keys; until the schema has them, the defaults apply.
-    runner = runner or infer.pop("runner", "threads")
-    workers = workers or infer.pop("workers", DEFAULT_WORKERS)
-    infer = {k: infer[k] for k in InferSettings.__dataclass_fields__ if k in infer}
+    runner = runner or params.infer.runner
+    workers = workers or params.infer.workers
+    infer = {k: v for k, v in infer.items() if k in InferSettings.__dataclass_fields__}
     if tta is not None:
         infer["tta"] = tta
     return {
@@ -531,6 +555,7 @@ def flow_arguments(
         "runner": runner,
         "workers": int(workers),
         "device": device,
+        "names": names,
     }
 
 

@@ -7,6 +7,7 @@ heavy libraries (torch, Great Expectations, MLflow, Prefect) inside the command 
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -36,6 +37,12 @@ def read_params(params: Path, overrides: list[str] | None) -> Params:
     except ParamsError as exc:
         fail(str(exc), code=2)
         raise AssertionError from exc  # unreachable: fail() exits
+
+
+def prefect_env() -> None:
+    """Defaults for Prefect's ephemeral API, which starts in a subprocess: time for a loaded machine, offline."""
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "60")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 
 def fail(message: str, code: int = 1) -> None:

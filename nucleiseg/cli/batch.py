@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from nucleiseg.cli.app import ParamsOption, SetOption, app, fail, read_params
+from nucleiseg.cli.app import ParamsOption, SetOption, app, fail, prefect_env, read_params
 
 DEFAULT_PARAMS = Path("params.yaml")
 
@@ -37,6 +36,9 @@ def batch_command(
         int | None, typer.Option("--workers", min=1, help="Images processed at once (threads or Dask workers).")
     ] = None,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
+    split: Annotated[
+        str | None, typer.Option("--split", help="Only this split's images (data.prepared/splits.json).")
+    ] = None,
 ) -> None:
     """Segment every image of INPUT_DIR with the champion model (or --model), as a Prefect flow.
 
@@ -48,13 +50,20 @@ def batch_command(
     """
     # The default params.yaml is optional (batch runs outside the project too); an explicit one is not.
     settings = read_params(params if (params != DEFAULT_PARAMS or params.is_file()) else None, set_)  # type: ignore[arg-type]
-    # Prefect's ephemeral API server starts in a subprocess: give a loaded machine time, and stay offline.
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "60")
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    prefect_env()
     from nucleiseg.infer import ModelLoadError
     from pipelines.batch_inference import RUNNERS, SUMMARY_NAME, BatchInferenceError, batch_inference, flow_arguments
 
-    arguments = flow_arguments(settings, input_dir, out_dir, model, tta, runner, workers, device)
+    names = None
+    if split is not None:
+        from nucleiseg.prepare import read_splits
+
+        splits_path = Path(settings.data.prepared) / "splits.json"
+        try:
+            names = list(read_splits(splits_path)[split])
+        except (OSError, KeyError, ValueError) as exc:
+            fail(f"{splits_path}: cannot read split {split!r} ({exc})")
+    arguments = flow_arguments(settings, input_dir, out_dir, model, tta, runner, workers, device, names)
     if arguments["runner"] not in RUNNERS:
         fail(f"--runner {arguments['runner']!r}: expected one of {', '.join(RUNNERS)}", code=2)
     uri = arguments["model_uri"]

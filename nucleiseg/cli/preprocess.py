@@ -3,21 +3,14 @@ preprocessing flow (validate, split, stain-normalise, patches, statistics)."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from nucleiseg.cli.app import ParamsOption, SetOption, app, fail, read_params
+from nucleiseg.cli.app import ParamsOption, SetOption, app, fail, prefect_env, read_params
 
 DEFAULT_PARAMS = Path("params.yaml")
-
-
-def _prefect_env() -> None:
-    # The ephemeral API server starts in a subprocess: give a loaded machine time, and stay offline.
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "60")
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 
 @app.command("validate")
@@ -72,7 +65,7 @@ def prepare_command(
     and files are listed) and the previous OUT is left untouched, as after any failure.
     """
     settings = read_params(params, set_)
-    _prefect_env()
+    prefect_env()
     from nucleiseg.stain import StainError
     from nucleiseg.validation import DatasetValidationError
     from pipelines.preprocess import PreprocessError, preprocess_from_params
