@@ -26,7 +26,6 @@ import math
 import os
 import random
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -344,13 +343,14 @@ def train(
     )
     samples = SeededSamples(dataset, tp.seed)
 
-    model, model_info = create_model(
+    model = create_model(
         params.model.name,
         encoder=params.model.encoder,
         encoder_weights=params.model.encoder_weights,
         num_classes=params.model.num_classes,
         dropout=params.model.dropout,
     )
+    model_info = dict(model.info)
     model.to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
@@ -381,7 +381,7 @@ def train(
         "norm_mean": list(data.mean),
         "norm_std": list(data.std),
         "stain": data.stain,
-        "infer": params.infer.model_dump(mode="json"),
+        "infer": params.infer.model_dump(mode="json", include={"tile", "overlap", "batch_size", "tta"}),
         "post": params.post.model_dump(mode="json"),
         "params": params.model_dump(mode="json"),
     }
@@ -412,10 +412,12 @@ def train(
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-                sums["loss"] += float(loss)
+                sums["loss"] += float(loss.detach())
                 sums["ce"] += float(parts["ce"])
                 sums["perceptual"] += float(parts["perceptual"])
-                bar.update(loss=float(loss), per_s=(step + 1) * images.shape[0] / (time.perf_counter() - t_epoch))
+                bar.update(
+                    loss=sums["loss"] / (step + 1), per_s=(step + 1) * images.shape[0] / (time.perf_counter() - t_epoch)
+                )
             bar.close()
             metrics = {f"train_{k}": v / max(n_steps, 1) for k, v in sums.items()}
             metrics["epoch_seconds"] = time.perf_counter() - t_epoch
@@ -554,12 +556,10 @@ def _start_tracking(
                 "dataset_hash": _dataset_hash(params.data.dir, data.root),
                 "params_hash": params.digest(),
                 "encoder_pretrained": str(bool(model_info.get("encoder_pretrained", False))).lower(),
-                "encoder_weights_source": str(model_info.get("weights_source", params.model.encoder_weights)),
+                "encoder_weights_source": str(model_info.get("encoder_weights_source", params.model.encoder_weights)),
                 "vgg_pretrained": "n/a" if vgg_pretrained is None else str(bool(vgg_pretrained)).lower(),
             }
         )
-        for note in model_info.get("warnings", []):
-            warnings.warn(note, stacklevel=2)
     return run
 
 
@@ -596,7 +596,7 @@ def _finish_tracking(
         "norm_mean": list(data.mean),
         "norm_std": list(data.std),
         "stain": data.stain,
-        "infer": params.infer.model_dump(mode="json"),
+        "infer": params.infer.model_dump(mode="json", include={"tile", "overlap", "batch_size", "tta"}),
         "post": params.post.model_dump(mode="json"),
     }
     info = tracking.log_pytorch_model(model.cpu(), example, metadata=metadata)

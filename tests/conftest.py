@@ -50,3 +50,44 @@ def prefect_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
         prefect_test_harness(server_startup_timeout=120),  # generous: the server starts slowly on a loaded machine
     ):
         yield
+
+
+# A tiny prepared dataset shared by the training, scoring and pipeline tests: 6 synthetic 256x256 tiles,
+# 128x128 patches (2x2 grid), 96x96 crops, and a model small enough to train a few steps in seconds.
+TINY_SETTINGS = [
+    "data.synth.n_images=6",
+    "data.synth.size=256",
+    "patches.size=128",
+    "patches.grid=2",
+    "augmentation.crop=96",
+    "train.epochs=2",
+    "train.steps_per_epoch=2",
+    "train.batch_size=2",
+    "train.num_workers=0",
+    "train.threads=2",
+    "model.encoder_weights=none",
+    "loss.vgg_weights=none",
+    "infer.tile=96",
+    "infer.overlap=32",
+    "infer.batch_size=4",
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from nucleiseg.synth import write_dataset
+
+    folder = tmp_path_factory.mktemp("tiny") / "synthetic"
+    write_dataset(folder, n_images=6, size=256, seed=0)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_prepared(prefect_api: None, tiny_dataset: Path) -> Path:
+    """The preprocessing flow's output for :func:`tiny_dataset` (4 train, 1 val, 1 test tiles)."""
+    from nucleiseg.params import load_params
+    from pipelines.preprocess import preprocess_from_params
+
+    out = tiny_dataset.parent / "prepared"
+    preprocess_from_params(load_params(None, TINY_SETTINGS), tiny_dataset, out)
+    return out

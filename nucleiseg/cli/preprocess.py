@@ -65,13 +65,14 @@ def prepare_command(
     and files are listed) and the previous OUT is left untouched, as after any failure.
     """
     settings = read_params(params, set_)
+    out = out or Path(settings.data.prepared)
     prefect_env()
     from nucleiseg.stain import StainError
     from nucleiseg.validation import DatasetValidationError
     from pipelines.preprocess import PreprocessError, preprocess_from_params
 
     try:
-        summary = preprocess_from_params(settings, data_dir, out or settings.data.prepared)
+        summary = preprocess_from_params(settings, data_dir, out)
     except DatasetValidationError as exc:
         typer.echo(exc.report.summary(), err=True)
         fail(f"{exc.report.dataset}: dataset is invalid; {out} left unchanged")
