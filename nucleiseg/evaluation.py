@@ -54,15 +54,17 @@ def evaluate_model(
     items: list[SplitItem],
     out_dir: str | os.PathLike[str] | None = None,
     on_image: Callable[[str], None] | None = None,
+    overlay_dir: str | os.PathLike[str] | None = None,
 ) -> dict[str, Any]:
     """Predict every item with ``predictor`` (a :class:`nucleiseg.infer.Predictor`) and score it.
 
-    With ``out_dir``, the per-image outputs (label, overlay, GeoJSON, CSV) are written there too.
+    With ``out_dir``, the per-image outputs (label, overlay, GeoJSON, CSV) are written there too; with
+    ``overlay_dir``, just the overlays as ``<name>.png`` (a folder of images, for DVC's image plots).
     Returns ``{"images": {name: figures}, "summary": figures}`` as :func:`nucleiseg.metrics.summarize`.
     """
     from nucleiseg import metrics
-    from nucleiseg.export import write_outputs
-    from nucleiseg.io import read_image
+    from nucleiseg.export import overlay, write_outputs
+    from nucleiseg.io import read_image, write_image
     from nucleiseg.labels import read_label
 
     per_image: dict[str, Any] = {}
@@ -71,11 +73,31 @@ def evaluate_model(
         pred = predictor.label(image)
         if out_dir is not None:
             write_outputs(out_dir, item.name, image, pred)
+        if overlay_dir is not None:
+            write_image(Path(overlay_dir) / f"{item.name}.png", overlay(image, pred))
         ignore = read_label(item.ignore) > 0 if item.ignore is not None else None
         per_image[item.name] = metrics.evaluate_image(pred, read_label(item.label), ignore=ignore)
         if on_image is not None:
             on_image(item.name)
     return {"images": per_image, "summary": metrics.summarize(per_image)}
+
+
+HEADLINE = {
+    "all": ("f1", "precision", "recall", "dice", "hausdorff", "aji", "pq", "dq", "sq"),
+    "tumor": ("f1", "dice", "hausdorff", "pq"),
+    "lymphocyte": ("f1", "dice", "hausdorff", "pq"),
+    "stroma": ("f1", "dice", "hausdorff", "pq"),
+    "classification": ("accuracy", "accuracy_tumor", "accuracy_lymphocyte", "accuracy_stroma"),
+}
+
+
+def headline(report: dict[str, Any]) -> dict[str, Any]:
+    """The paper's Table 1 and 2 figures plus AJI, PQ and mPQ+ from a report: a compact metrics file."""
+    summary = report["summary"]
+    figures: dict[str, Any] = {group: {k: summary[group][k] for k in keys} for group, keys in HEADLINE.items()}
+    figures["mpq_plus"] = summary["mpq_plus"]
+    figures["n_images"] = summary["n_images"]
+    return figures
 
 
 def confusion_rows(report: dict[str, Any]) -> list[dict[str, str]]:

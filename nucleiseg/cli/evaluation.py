@@ -108,14 +108,16 @@ def score(
     data_dir: Annotated[Path | None, typer.Option(help="Annotated dataset (default: data.dir).")] = None,
     out: Annotated[Path | None, typer.Option(help="Metrics JSON (default: eval.out).")] = None,
     predictions: Annotated[Path | None, typer.Option(help="Also write the per-image outputs here.")] = None,
+    overlays: Annotated[Path | None, typer.Option(help="Also write overlay images (<name>.png) here.")] = None,
 ) -> None:
     """Predict a split's original images with MODEL and score them (the pipeline's evaluate stage).
 
-    Writes the metrics JSON (as `nucleiseg evaluate`) and, beside it, confusion.json with one row per
-    matched nucleus (actual, predicted) for DVC's confusion plot."""
+    Writes the metrics JSON (as `nucleiseg evaluate`) and, beside it, <stem>_summary.json with the headline
+    figures (DVC metrics) and confusion.json with one row per matched nucleus (actual, predicted) for DVC's
+    confusion plot."""
     settings = read_params(params, set_)
     from nucleiseg import tracking
-    from nucleiseg.evaluation import confusion_rows, evaluate_model, split_items
+    from nucleiseg.evaluation import confusion_rows, evaluate_model, headline, split_items
     from nucleiseg.infer import ModelLoadError, load_predictor
     from nucleiseg.io import write_json_atomic
 
@@ -133,10 +135,13 @@ def score(
     except ModelLoadError as exc:
         fail(str(exc))
         return
-    report = evaluate_model(predictor, items, out_dir=predictions, on_image=lambda n: typer.echo(f"scored {n}"))
+    report = evaluate_model(
+        predictor, items, out_dir=predictions, overlay_dir=overlays, on_image=lambda n: typer.echo(f"scored {n}")
+    )
     report["model"] = model
     report["split"] = split
     write_json_atomic(out, _json_ready(report))
+    write_json_atomic(out.with_name(f"{out.stem}_summary.json"), _json_ready(headline(report)))
     write_json_atomic(out.with_name("confusion.json"), confusion_rows(report))
     s = report["summary"]
     typer.echo(
