@@ -52,23 +52,25 @@ def predict(
         ModelLoadError,
         PostSettings,
         expand_inputs,
+        is_mlflow_uri,
         load_predictor,
         predict_files,
+        settings_from,
         summarize,
     )
     from nucleiseg.io import write_json_atomic
 
     # The default params.yaml is optional (predict runs outside the project too); an explicit one is not.
     settings = read_params(params if (params != DEFAULT_PARAMS or params.is_file()) else None, set_)
-    infer = InferSettings(**settings.infer.model_dump())
+    infer = settings_from(InferSettings, settings.infer.model_dump())
     if tta is not None:
         infer = InferSettings(**{**infer.__dict__, "tta": tta})
-    post = PostSettings(**settings.post.model_dump())
+    post = settings_from(PostSettings, settings.post.model_dump())
 
     files, problems = expand_inputs(inputs)
     if not files and not problems:
         fail("no inputs given")
-    if "://" in model or model.startswith(("models:/", "runs:/")):
+    if is_mlflow_uri(model):
         import mlflow
 
         from nucleiseg.tracking import tracking_uri
@@ -78,7 +80,7 @@ def predict(
         mlflow.set_registry_uri(uri)
     try:
         predictor = load_predictor(model, device=device)
-    except ModelLoadError as exc:
+    except (ModelLoadError, ValueError) as exc:  # ValueError: an unavailable --device
         fail(str(exc))
 
     console = Console(stderr=True)
