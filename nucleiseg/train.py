@@ -25,6 +25,7 @@ import logging
 import math
 import os
 import random
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -583,9 +584,10 @@ def _finish_tracking(
     _plot_history(history, curves)
     mlflow.log_artifact(str(curves))
     mlflow.log_artifact(str(out / "history.json"))
-    overlay = _example_overlay(model, data, params, device, out)
-    if overlay is not None:
-        mlflow.log_artifact(str(overlay), artifact_path="overlays")
+    with tempfile.TemporaryDirectory() as tmp:
+        overlay = _example_overlay(model, data, params, device, Path(tmp))
+        if overlay is not None:
+            mlflow.log_artifact(str(overlay), artifact_path="overlays")
     best = out / "best.pt"
     if best.is_file():
         model.load_state_dict(load_checkpoint(best, map_location=device)["state_dict"])
