@@ -1,0 +1,96 @@
+"""The real DVC pipeline (`dvc repro`) on a tiny preset, in a temporary copy of the repository."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import REPO
+
+TINY = {
+    "data": {"synth": {"n_images": 6, "size": 256}},
+    "patches": {"size": 128, "grid": 2},
+    "augmentation": {"crop": 96},
+    "model": {"encoder_weights": "none"},
+    "loss": {"vgg_weights": "none"},
+    "train": {"epochs": 1, "steps_per_epoch": 2, "batch_size": 2, "num_workers": 0},
+    "infer": {"tile": 96, "overlap": 32, "batch_size": 4},
+}
+
+
+def _merge(tree: dict, update: dict) -> None:
+    for key, value in update.items():
+        if isinstance(value, dict):
+            _merge(tree.setdefault(key, {}), value)
+        else:
+            tree[key] = value
+
+
+def _run(args: list[str], cwd: Path, env: dict[str, str], timeout: int = 900) -> subprocess.CompletedProcess:
+    return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def repo_copy(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
+    """The committed files (and pending edits) of this repository, with a tiny params preset, after `dvc repro`."""
+    root = tmp_path_factory.mktemp("pipeline") / "repo"
+    files = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, text=True, check=True)
+    for name in filter(None, files.stdout.split("\0")):
+        src = REPO / name
+        if src.is_file():
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, root / name)
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    _merge(params, TINY)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    bin_dir = str(Path(sys.executable).parent)
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "HF_HUB_OFFLINE": "1",
+           "DVC_NO_ANALYTICS": "1", "OMP_NUM_THREADS": "2"}  # fmt: skip
+    env.pop("MLFLOW_TRACKING_URI", None)
+    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.org"]
+    for cmd in (["git", "init", "-q"], ["git", "add", "-A"], [*git, "commit", "-qm", "copy"]):
+        subprocess.run(cmd, cwd=root, check=True, capture_output=True)
+    done = _run(["dvc", "repro"], root, env)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    return root, env
+
+
+def test_repro_runs_every_stage(repo_copy):
+    root, _ = repo_copy
+    summary = json.loads((root / "reports" / "metrics_summary.json").read_text())
+    assert set(summary["all"]) >= {"f1", "dice", "hausdorff", "aji", "pq"} and summary["n_images"] >= 1
+    assert json.loads((root / "models" / "train_summary.json").read_text())["epochs"] == 1
+    registry = json.loads((root / "reports" / "registry.json").read_text())
+    assert registry["aliases"]["champion"] == registry["version"] == "1"
+    splits = json.loads((root / "prepared" / "splits.json").read_text())
+    batch = json.loads((root / "predictions" / "batch" / "batch_summary.json").read_text())
+    assert batch["ok"] == len(splits["test"]) and batch["failed"] == 0
+    for name in splits["test"]:
+        assert (root / "predictions" / "batch" / f"{name}.geojson").is_file()
+        assert (root / "reports" / "overlays" / f"{name}.png").is_file()
+    assert (root / "mlruns" / "mlflow.db").is_file()
+
+
+def test_second_repro_is_a_no_op(repo_copy):
+    root, env = repo_copy
+    done = _run(["dvc", "repro"], root, env)
+    assert done.returncode == 0
+    assert "Data and pipelines are up to date" in done.stdout
+    status = _run(["git", "status", "--porcelain", "--untracked-files=all"], root, env).stdout.splitlines()
+    assert [line for line in status if not line.endswith(("dvc.lock", "registry.json", ".json", ".png"))] == []
+
+
+def test_metrics_and_plots_show(repo_copy, tmp_path):
+    root, env = repo_copy
+    metrics = _run(["dvc", "metrics", "show"], root, env)
+    assert metrics.returncode == 0 and "all.f1" in metrics.stdout
+    plots = _run(["dvc", "plots", "show", "-o", str(tmp_path / "plots")], root, env)
+    assert plots.returncode == 0, plots.stderr
+    html = (tmp_path / "plots" / "index.html").read_text()
+    assert "confusion" in html and "history.json" in html
