@@ -170,15 +170,30 @@ class PromoteParams(_Section):
 
 
 class TuneParams(_Section):
+    """Optuna search (``nucleiseg tune``; definitions in ``nucleiseg.tuning``)."""
+
     n_trials: int = Field(20, ge=1)
-    storage: str = "sqlite:///mlruns/optuna.db"
-    study: str = "nucleiseg-tune"
+    storage: str = "sqlite:///mlruns/optuna.db"  # an RDB URL, or a journal file path ending .log / .journal
+    study: str = Field("nucleiseg-tune", min_length=1)
     seed: int = 0
-    objective: str = "f1"
-    epochs: int = Field(5, ge=1)
-    beta: tuple[float, float] = (0.0, 1.0)
+    objective: Literal["f1", "dice", "aji", "pq", "accuracy", "hausdorff"] = "f1"  # validation figure
+    epochs: int = Field(5, ge=1)  # training epochs per trial (replaces train.epochs)
+    beta: tuple[float, float] = (0.0, 1.0)  # a range starting at 0 adds a perceptual on/off switch
     w0: tuple[float, float] = (1.0, 20.0)
     sigma: tuple[float, float] = (1.0, 10.0)
+    pruner_startup_trials: int = Field(5, ge=0)  # median pruning starts once this many trials have finished
+    pruner_warmup_epochs: int = Field(1, ge=0)  # and never stops a trial within its first epochs
+    out: str = "reports/best_params.yaml"  # the best settings, applied with `nucleiseg tune --apply`
+
+    @model_validator(mode="after")
+    def _ranges_ordered(self) -> TuneParams:
+        for name in ("beta", "w0", "sigma"):
+            low, high = getattr(self, name)
+            if low > high:
+                raise ValueError(f"{name}: the range [{low}, {high}] is empty (low > high)")
+        if self.beta[0] < 0 or self.w0[0] < 0 or self.sigma[0] <= 0:
+            raise ValueError("beta and w0 ranges must start at >= 0, the sigma range at > 0")
+        return self
 
 
 class ScheduleParams(_Section):

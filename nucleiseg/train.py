@@ -428,6 +428,8 @@ def train(
                     metrics.update(validate(model, data.val_items, data, params, device))
                 score = metrics.get(f"val_{tp.val_metric}", -metrics["train_loss"])
                 score = -math.inf if score is None or math.isnan(score) else score
+                if tp.val_metric == "hausdorff" and math.isfinite(score):
+                    score = -score  # a distance: lower is better
                 record = {"epoch": epoch + 1, **metrics}
                 history.append(record)
                 payload = {**base, "state_dict": model.state_dict()}

@@ -3,10 +3,12 @@
 from nucleiseg.cli import (  # noqa: F401  (importing registers the commands)
     batch,
     evaluation,
+    experiments,
     inference,
     labels,
     pipeline,
     preprocess,
+    schedule,
     synth,
     training,
     weightmap,
