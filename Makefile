@@ -32,3 +32,7 @@ ui:  ## the MLflow UI on the local tracking store
 
 bench:  ## the benchmarks (minutes; figures go to benchmarks/README.md)
 	for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+.PHONY: serve-retrain
+serve-retrain:  ## retrain on new annotations on the cron schedule of params.yaml (runs until stopped)
+	$(BIN)/nucleiseg serve-retrain

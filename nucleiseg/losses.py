@@ -12,14 +12,19 @@ inside, contour), a target class map ``y`` and a pixel weight map ``w`` (eq. 2, 
   As in the reference code the maps enter VGG as probabilities in [0, 1], without ImageNet normalisation.
 - :class:`SegmentationLoss`: ``L = L_ce + beta · L_per`` (beta = 0.1); with beta = 0 no VGG is built.
 
-Cost: the perceptual term computes the same numbers as the reference formulation, more cheaply:
-VGG16 is cut after relu4_3 and frozen (``requires_grad=False``: backward computes only input
-gradients); the single-channel input makes ``conv1_1`` a 1-channel convolution with the weights summed
-over RGB (exact: the three input channels are equal); the target's features are computed without an
-autograd graph; on the CPU the network runs in channels-last layout and its larger 3x3 convolutions use
-Winograd's F(4x4, 3x3) algorithm (:mod:`nucleiseg.models.winograd`), the same convolution with 4x fewer
-multiplications; results agree with the direct formulation to float32 rounding (checked in the tests and
-in ``benchmarks/bench_perceptual.py``).
+Cost: the perceptual term computes the same numbers as the reference formulation, more cheaply
+(measured in ``benchmarks/bench_perceptual.py``, which also checks the equality):
+
+- VGG16 is cut after relu4_3 and frozen (``requires_grad=False``: the backward pass computes input
+  gradients only); the target's features are computed without an autograd graph;
+- the input is one map repeated to three channels, so ``conv1_1`` becomes a 1-channel convolution with its
+  weights summed over RGB;
+- on CPUs (:meth:`VGG16Features.cpu_optimized`): channels-last layout; the convolutions of blocks 2-4 by
+  Winograd's F(4x4, 3x3) (:mod:`nucleiseg.models.winograd`: 4x fewer multiplications); the binary target's
+  first two convolutions by table look-up (:class:`BinaryStem`); the batch two images at a time, each
+  chunk's VGG backward done at once (:class:`_ChunkedPerceptual`), which keeps the working set small.
+
+Results agree with the direct formulation to float32 rounding (relative 1e-7 on the loss at 2x224x224).
 """
 
 from __future__ import annotations
@@ -171,7 +176,8 @@ class _SquaredDistance(torch.autograd.Function):
     def forward(ctx, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         diff = a - b
         ctx.save_for_backward(diff)
-        return torch.linalg.vector_norm(diff).square() / diff.numel()
+        # square().sum(): torch's cascade summation; vector_norm's float32 accumulation drifts by ~1e-4 here
+        return diff.square().sum() / diff.numel()
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
@@ -179,16 +185,57 @@ class _SquaredDistance(torch.autograd.Function):
         return diff * (grad * (2.0 / diff.numel())), None
 
 
+def _perceptual_terms(net: nn.Module, pred: torch.Tensor, target: torch.Tensor, binary: bool) -> torch.Tensor:
+    """``(1/4) sum_l mean((phi_l(pred) - phi_l(target))^2)``; the target's features without a graph."""
+    with torch.no_grad():
+        target_features = net.forward_binary(target) if binary else net(target)
+    pred_features = net(pred)
+    terms = [_SquaredDistance.apply(p, t) for p, t in zip(pred_features, target_features, strict=True)]
+    return torch.stack(terms).mean()
+
+
+class _ChunkedPerceptual(torch.autograd.Function):
+    """The perceptual loss over a batch, a few images at a time, each chunk's gradient computed at once.
+
+    Mean over the batch = sum over chunks of (chunk mean x chunk size / batch size). Doing the VGG backward
+    right after each chunk's forward keeps one chunk's activations alive instead of the batch's (8x224x224:
+    ~100 MB tensors, beyond the allocator's reuse threshold and the caches, measured slower per image); the
+    returned loss's backward then only scales the stored gradient. Not twice differentiable."""
+
+    @staticmethod
+    def forward(ctx, pred: torch.Tensor, target: torch.Tensor, net: nn.Module, binary: bool, chunk: int):
+        n = pred.shape[0]
+        total = pred.new_zeros(())
+        grad = torch.empty_like(pred)
+        for i in range(0, n, chunk):
+            part_pred = pred[i : i + chunk].detach().requires_grad_(True)
+            with torch.enable_grad():
+                part = _perceptual_terms(net, part_pred, target[i : i + chunk], binary) * (part_pred.shape[0] / n)
+                (grad[i : i + chunk],) = torch.autograd.grad(part, part_pred)
+            total += part.detach()
+        ctx.save_for_backward(grad)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor) -> tuple[torch.Tensor, None, None, None, None]:
+        (grad,) = ctx.saved_tensors
+        return grad * grad_output, None, None, None, None
+
+
 class PerceptualLoss(nn.Module):
     """Eq. 3 between a predicted and a ground-truth map, both ``(N, 1, H, W)`` in [0, 1].
 
     ``cpu_optimized`` (``"auto"``: for CPU inputs) evaluates VGG16 through
-    :meth:`VGG16Features.cpu_optimized`; on GPUs the plain network is used (cuDNN picks its own algorithms)."""
+    :meth:`VGG16Features.cpu_optimized`, ``chunk`` images at a time (see :class:`_ChunkedPerceptual`); on GPUs
+    the plain network is used on the whole batch (cuDNN picks its own algorithms)."""
 
-    def __init__(self, weights: str = "imagenet", cpu_optimized: bool | str = "auto") -> None:
+    def __init__(self, weights: str = "imagenet", cpu_optimized: bool | str = "auto", chunk: int = 2) -> None:
         super().__init__()
+        if chunk < 1:
+            raise ValueError(f"chunk must be >= 1, got {chunk}")
         self.vgg = VGG16Features(weights)
         self.cpu_optimized = cpu_optimized
+        self.chunk = chunk
         # the CPU copy is derived from self.vgg (kept in a tuple: not a submodule, not in the state dict);
         # loading new weights invalidates it
         self._fast: tuple[VGG16Features, torch.device] | None = None
@@ -198,10 +245,12 @@ class PerceptualLoss(nn.Module):
     def weights_info(self) -> WeightsInfo:
         return self.vgg.weights_info
 
-    def network(self, device: torch.device) -> nn.Module:
+    def _use_fast(self, device: torch.device) -> bool:
+        return self.cpu_optimized is True or (self.cpu_optimized == "auto" and device.type == "cpu")
+
+    def network(self, device: torch.device) -> VGG16Features:
         """The VGG16 evaluation used for inputs on ``device``."""
-        use_fast = self.cpu_optimized is True or (self.cpu_optimized == "auto" and device.type == "cpu")
-        if not use_fast:
+        if not self._use_fast(device):
             return self.vgg
         if self._fast is None or self._fast[1] != device:
             self._fast = (self.vgg.cpu_optimized().to(device), device)
@@ -213,13 +262,20 @@ class PerceptualLoss(nn.Module):
                 f"pred and target must both be (N, 1, H, W), got {tuple(pred.shape)} and {tuple(target.shape)}"
             )
         net = self.network(pred.device)
-        target = target.float()
-        with torch.no_grad():  # the target's features need no graph
-            binary = bool(((target == 0) | (target == 1)).all())
-            target_features = net.forward_binary(target) if binary else net(target)
-        pred_features = net(pred.float())
-        terms = [_SquaredDistance.apply(p, t) for p, t in zip(pred_features, target_features, strict=True)]
-        return torch.stack(terms).mean()
+        pred, target = pred.float(), target.float()
+        binary = bool(((target == 0) | (target == 1)).all())
+        if not self._use_fast(pred.device):
+            return _perceptual_terms(net, pred, target, binary)
+        if torch.is_grad_enabled() and pred.requires_grad:
+            return _ChunkedPerceptual.apply(pred, target, net, binary, self.chunk)
+        with torch.no_grad():
+            n = pred.shape[0]
+            parts = [
+                _perceptual_terms(net, pred[i : i + self.chunk], target[i : i + self.chunk], binary)
+                * (min(self.chunk, n - i) / n)
+                for i in range(0, n, self.chunk)
+            ]
+        return torch.stack(parts).sum()
 
 
 class SegmentationLoss(nn.Module):

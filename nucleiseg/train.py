@@ -355,7 +355,11 @@ def train(
     model.to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-    criterion = SegmentationLoss(beta=tp.beta, vgg_weights=params.loss.vgg_weights).to(device)
+    # The CPU fast path of the perceptual loss picks its work split at run time; deterministic runs use the
+    # direct formulation (same loss, up to float rounding) so that two runs agree bit for bit.
+    criterion = SegmentationLoss(
+        beta=tp.beta, vgg_weights=params.loss.vgg_weights, cpu_optimized=False if tp.deterministic else "auto"
+    ).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=tp.lr, betas=tuple(tp.betas), weight_decay=tp.weight_decay)
     train_model: torch.nn.Module = model
     if dist_info.world_size > 1:

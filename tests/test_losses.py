@@ -81,8 +81,8 @@ def test_weighted_cross_entropy_shape_errors():
 def test_perceptual_loss_matches_naive_vgg16(vgg_file, perceptual, cpu_optimized, size, binary):
     features = vgg_file[1]
     g = torch.Generator().manual_seed(1)
-    pred = torch.rand(2, 1, *size, generator=g, requires_grad=True)
-    target = torch.rand(2, 1, *size, generator=g)
+    pred = torch.rand(3, 1, *size, generator=g, requires_grad=True)  # the CPU path's chunks of 2: 2 + 1
+    target = torch.rand(3, 1, *size, generator=g)
     if binary:  # the contour maps of training: the CPU copy takes the table look-up path for them
         target = (target > 0.8).float()
     pred_ref = pred.detach().clone().requires_grad_(True)
@@ -90,6 +90,8 @@ def test_perceptual_loss_matches_naive_vgg16(vgg_file, perceptual, cpu_optimized
     loss = perceptual[cpu_optimized](pred, target)
     expected = naive_perceptual(features, pred_ref, target)
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    with torch.no_grad():  # evaluation (no graph) gives the same value
+        assert perceptual[cpu_optimized](pred, target).item() == pytest.approx(loss.item(), rel=1e-6)
     loss.backward()
     expected.backward()
     rel = ((pred.grad - pred_ref.grad).norm() / pred_ref.grad.norm()).item()

@@ -115,6 +115,20 @@ def register_from_files(
     return result
 
 
+def split_evaluator(settings: Params, splits: Path) -> Evaluator:
+    """Score a registered version on the current test split, as the evaluate stage does (for the gate)."""
+
+    def evaluate(model_uri: str) -> dict[str, Any]:
+        from nucleiseg.evaluation import evaluate_model, split_items
+        from nucleiseg.infer import load_predictor
+
+        items = split_items(settings.data.dir, splits, "test", settings.eval.ignore_suffix)
+        typer.echo(f"scoring {model_uri} on the current test split ({len(items)} images)")
+        return evaluate_model(load_predictor(model_uri, device=settings.train.device), items)["summary"]
+
+    return evaluate
+
+
 @app.command("register")
 def register_command(
     params: ParamsOption = Path("params.yaml"),
@@ -136,13 +150,15 @@ def register_command(
     """Register the trained model as a new version (alias challenger) tagged with its test figures and
     provenance, then run the promotion gate: it becomes champion only if it beats the champion."""
     settings = read_params(params, set_)
+    splits = splits or Path(settings.data.prepared) / "splits.json"
     register_from_files(
         settings,
         model_dir or Path(settings.train.out_dir),
         metrics or Path(settings.eval.out),
         data_dir or Path(settings.data.dir),
-        splits or Path(settings.data.prepared) / "splits.json",
+        splits,
         out,
+        evaluate=split_evaluator(settings, splits),
     )
     typer.echo(f"-> {out}")
 
@@ -185,7 +201,11 @@ def promote_command(
             decision = registry.promote_version(name, version, reason)
         else:
             decision = registry.promote_challenger(
-                name, settings.promote.metric, settings.promote.tie_breaker, split_hash=split
+                name,
+                settings.promote.metric,
+                settings.promote.tie_breaker,
+                split_hash=split,
+                evaluate=split_evaluator(settings, splits) if split is not None else None,
             )
         state = registry.registry_state(name)
     except registry.RegistryError as exc:
