@@ -71,7 +71,9 @@ def _kill_after_first_epoch(epoch: int, metrics: dict) -> None:
 
 
 def test_resume_reaches_the_uninterrupted_result(tiny_prepared, tmp_path):
-    params = _params(tmp_path, "train.deterministic=true", "train.epochs=3")
+    # beta=0: with the perceptual term on, two uninterrupted CPU runs already differ in the last bits (an open
+    # issue of the perceptual path); without it the whole run is deterministic, so resume must be exact.
+    params = _params(tmp_path, "train.deterministic=true", "train.epochs=3", "train.beta=0")
     train(params, tiny_prepared, tmp_path / "straight", track=False, progress=False)
 
     with pytest.raises(_Killed):
