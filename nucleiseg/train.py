@@ -218,6 +218,18 @@ def model_spec(params: Params) -> dict[str, Any]:
     }
 
 
+def predictor_extras(params: Params, data: PreparedData) -> dict[str, Any]:
+    """What inference needs besides the weights (the contract of :func:`nucleiseg.infer.load_predictor`)."""
+    return {
+        "model_kwargs": model_spec(params),
+        "norm_mean": list(data.mean),
+        "norm_std": list(data.std),
+        "stain": data.stain,
+        "infer": params.infer.model_dump(mode="json", include={"tile", "overlap", "batch_size", "tta"}),
+        "post": params.post.model_dump(mode="json"),
+    }
+
+
 def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
@@ -380,16 +392,7 @@ def train(
         set_rng_state(ckpt["rng"])
         _log(echo, f"resuming from {last_path} at epoch {start_epoch}")
 
-    base = {
-        "model_name": params.model.name,
-        "model_kwargs": model_spec(params),
-        "norm_mean": list(data.mean),
-        "norm_std": list(data.std),
-        "stain": data.stain,
-        "infer": params.infer.model_dump(mode="json", include={"tile", "overlap", "batch_size", "tta"}),
-        "post": params.post.model_dump(mode="json"),
-        "params": params.model_dump(mode="json"),
-    }
+    base = {"model_name": params.model.name, **predictor_extras(params, data), "params": params.model_dump(mode="json")}
     run = None
     if track and dist_info.is_main:
         run = _start_tracking(params, data, model_info, criterion, resume=resume, out=out)
@@ -599,15 +602,7 @@ def _finish_tracking(
         model.load_state_dict(load_checkpoint(best, map_location=device)["state_dict"])
     crop = params.augmentation.crop
     example = np.zeros((1, 3, crop, crop), dtype=np.float32)
-    metadata = {
-        "model_kwargs": model_spec(params),
-        "norm_mean": list(data.mean),
-        "norm_std": list(data.std),
-        "stain": data.stain,
-        "infer": params.infer.model_dump(mode="json", include={"tile", "overlap", "batch_size", "tta"}),
-        "post": params.post.model_dump(mode="json"),
-    }
-    info = tracking.log_pytorch_model(model.cpu(), example, metadata=metadata)
+    info = tracking.log_pytorch_model(model.cpu(), example, metadata=predictor_extras(params, data))
     mlflow.end_run()
     (out / "model_uri").write_text(info.model_uri)
     return run_id, info.model_uri
