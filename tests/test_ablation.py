@@ -85,7 +85,7 @@ def test_report_has_both_tables_beside_the_papers_figures(ablation_run):
     assert f"| Full method (ResUNet34) | this run | {'n/a' if f1 is None else f'{f1:.3f}'} |" in table1
     # The budget and the offline caveat are stated.
     assert "1 epoch(s) x 1 step(s) of batch 2 (64x64 crops)" in report
-    assert "coincide in practice" in report and "Machine:" in report
+    assert "so its encoder started from random weights" in report and "Machine:" in report
     figures = json.loads((tmp / "reports" / "ablation.json").read_text())
     assert [r["key"] for r in figures["rows"]] == RUN_ROWS
     assert all(r["encoder_pretrained"] is False for r in figures["rows"] if r["model"] != "unet")
