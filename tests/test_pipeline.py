@@ -32,6 +32,16 @@ def _merge(tree: dict, update: dict) -> None:
             tree[key] = value
 
 
+def copy_repository(root: Path) -> None:
+    """Copy the files git tracks in this repository (as they are in the working tree) into ``root``."""
+    files = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, text=True, check=True)
+    for name in filter(None, files.stdout.split("\0")):
+        src = REPO / name
+        if src.is_file():
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, root / name)
+
+
 def _run(args: list[str], cwd: Path, env: dict[str, str], timeout: int = 900) -> subprocess.CompletedProcess:
     return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
@@ -40,12 +50,7 @@ def _run(args: list[str], cwd: Path, env: dict[str, str], timeout: int = 900) ->
 def repo_copy(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
     """The committed files (and pending edits) of this repository, with a tiny params preset, after `dvc repro`."""
     root = tmp_path_factory.mktemp("pipeline") / "repo"
-    files = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, text=True, check=True)
-    for name in filter(None, files.stdout.split("\0")):
-        src = REPO / name
-        if src.is_file():
-            (root / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, root / name)
+    copy_repository(root)
     params = yaml.safe_load((root / "params.yaml").read_text())
     _merge(params, TINY)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))

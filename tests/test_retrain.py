@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +18,7 @@ import numpy as np
 import pytest
 import yaml
 from conftest import REPO
-from test_pipeline import TINY, _merge
+from test_pipeline import TINY, _merge, copy_repository
 
 from nucleiseg.params import load_params
 
@@ -36,12 +35,7 @@ def annotated_repo(tmp_path_factory: pytest.TempPathFactory, prefect_api: None) 
     from nucleiseg.synth import write_dataset
 
     root = tmp_path_factory.mktemp("retrain") / "repo"
-    files = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, text=True, check=True)
-    for name in filter(None, files.stdout.split("\0")):
-        src = REPO / name
-        if src.is_file():
-            (root / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, root / name)
+    copy_repository(root)
     params = yaml.safe_load((root / "params.yaml").read_text())
     _merge(params, {**TINY, "data": {**TINY["data"], "dir": "data"}})
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
