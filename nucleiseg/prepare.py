@@ -5,8 +5,10 @@ Split
     and ``test``, either from fractions and a seed or from explicit lists. With the classes present in each
     image, the split is *stratified*: among up to ``tries`` seeded shuffles, the first is kept that leaves no
     class missing from any split, or else the one missing the fewest (a class missing from ``train`` counts
-    first, since the model could never learn it). The result depends only on the set of names and the seed,
-    not on their order.
+    first, since the model could never learn it). Images with no annotated nucleus of any class (CoNSeP's
+    train_5 holds only "other" nuclei) always go to ``train``: they still teach background, but a
+    validation or test image without nuclei has no detection F1 or Dice and would only dilute the
+    scores. The result depends only on the set of names and the seed, not on their order.
 Patches
     As the reference code (github.com/huiqu18/NucleiSegClas, ``split_patches``): ``grid`` x ``grid`` patches
     of ``size`` x ``size`` per image on a uniform grid with overlap; a 1000x1000 tile gives 16 patches of
@@ -122,6 +124,14 @@ def split_dataset(
     if bad:
         raise ValueError(f"classes must be 0, 1 or 2; got {bad}")
     present = {n: set(classes_present[n]) for n in pool}
+    # Unscoreable images (no nucleus of any class) train; the others fill the rest of each split.
+    unscoreable = [n for n in pool if not present[n]]
+    if unscoreable and len(unscoreable) < len(pool):
+        pool = [n for n in pool if present[n]]
+        val, test = sizes[1], sizes[2]
+        while val + test > max(len(pool) - 1, 0):  # train keeps at least one scoreable image
+            val, test = (val - 1, test) if val > test else (val, test - 1)
+        sizes = [len(pool) - val - test, val, test]
     # The best any split can do: a class found in m images can reach at most m of the non-empty splits.
     n_splits = sum(1 for size in sizes if size > 0)
     in_images = [sum(1 for n in pool if c in present[n]) for c in range(N_CLASSES)]
@@ -135,6 +145,8 @@ def split_dataset(
         if score == bound:
             break
     assert best is not None
+    if unscoreable and len(unscoreable) < len(present):
+        best["train"] = sorted(best["train"] + unscoreable)
     return best
 
 

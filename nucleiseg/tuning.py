@@ -50,7 +50,6 @@ tracking
 from __future__ import annotations
 
 import contextlib
-import io
 import math
 import os
 import socket
@@ -66,7 +65,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from nucleiseg.io import atomic_path, write_text_atomic
-from nucleiseg.params import Params, ParamsError, load_params
+from nucleiseg.params import Params
 
 if TYPE_CHECKING:
     import optuna
@@ -815,138 +814,3 @@ def _quiet_optuna() -> Any:
         yield
     finally:
         optuna.logging.set_verbosity(level)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Applying the best settings to params.yaml
-
-
-def read_best_params(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """The ``params`` mapping of a ``best_params.yaml`` (dotted setting -> value), checked."""
-    path = Path(path)
-    if not path.is_file():
-        raise TuningError(f"{path}: not found; run `nucleiseg tune` first")
-    try:
-        doc = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise TuningError(f"{path}: not valid YAML ({exc})") from exc
-    values = doc.get("params") if isinstance(doc, dict) else None
-    if not isinstance(values, dict) or not values:
-        raise TuningError(f"{path}: expected a `params` mapping of settings (section.key: value)")
-    for key, value in values.items():
-        if not isinstance(key, str) or "." not in key or isinstance(value, dict | list):
-            raise TuningError(f"{path}: `params.{key}` is not a `section.key: scalar` setting")
-    return values
-
-
-def apply_best_params(
-    best_path: str | os.PathLike[str], params_path: str | os.PathLike[str]
-) -> dict[str, tuple[Any, Any]]:
-    """Copy the best settings into ``params_path``; returns ``{key: (old, new)}``.
-
-    Only the lines of those settings change (comments, order and layout are kept); a setting missing from
-    the file is added to its section. The result is validated before it replaces the file, atomically: an
-    invalid result leaves the file as it was.
-    """
-    values = read_best_params(best_path)
-    params_path = Path(params_path)
-    if not params_path.is_file():
-        raise TuningError(f"{params_path}: params file not found")
-    text = params_path.read_text()
-    before = yaml.safe_load(text) or {}
-    new_text = set_yaml_values(text, values)
-    with atomic_path(params_path) as tmp:
-        tmp.write_text(new_text)
-        try:
-            load_params(tmp)
-        except ParamsError as exc:
-            raise ParamsError(str(exc).replace(str(tmp), str(params_path))) from None
-    return {key: (_lookup(before, key), value) for key, value in values.items()}
-
-
-def _lookup(tree: Any, dotted: str) -> Any:
-    for key in dotted.split("."):
-        if not isinstance(tree, dict) or key not in tree:
-            return None
-        tree = tree[key]
-    return tree
-
-
-def _yaml_scalar(value: Any) -> str:
-    """A scalar as YAML writes it (floats keep a dot or exponent form that YAML 1.1 reads back as float)."""
-    return yaml.safe_dump(value, default_flow_style=True, width=1 << 16).splitlines()[0]
-
-
-def _round_trip_yaml() -> Any:
-    from ruamel.yaml import YAML
-
-    rt = YAML()
-    rt.preserve_quotes = True
-    rt.width = 1 << 16
-    rt.indent(mapping=2, sequence=4, offset=2)
-    rt.representer.add_representer(type(None), lambda rep, _: rep.represent_scalar("tag:yaml.org,2002:null", "null"))
-    return rt
-
-
-def set_yaml_values(text: str, values: Mapping[str, Any]) -> str:
-    """Set dotted keys in a YAML document's text, editing only their lines where the keys exist.
-
-    Existing scalar values are replaced in place (the comment after a value keeps its column where it
-    fits); missing keys are inserted with a round-trip YAML dump, which keeps comments.
-    """
-    rt = _round_trip_yaml()
-    tree = rt.load(text) or {}
-    missing = {k: v for k, v in values.items() if not _has_key(tree, k)}
-    if missing:
-        for dotted, value in missing.items():
-            node = tree
-            *sections, key = dotted.split(".")
-            for section in sections:
-                if section not in node or node[section] is None:
-                    node[section] = {}
-                node = node[section]
-            node[key] = value
-        buffer = io.StringIO()
-        rt.dump(tree, buffer)
-        text = buffer.getvalue()
-    for dotted, value in values.items():
-        if dotted not in missing:
-            text = _replace_scalar(text, rt, dotted, value)
-    return text
-
-
-def _has_key(tree: Any, dotted: str) -> bool:
-    *sections, key = dotted.split(".")
-    for section in sections:
-        if not isinstance(tree, dict) or section not in tree:
-            return False
-        tree = tree[section]
-    return isinstance(tree, dict) and key in tree
-
-
-def _replace_scalar(text: str, rt: Any, dotted: str, value: Any) -> str:
-    import re
-
-    tree = rt.load(text)
-    *sections, key = dotted.split(".")
-    node = tree
-    for section in sections:
-        node = node[section]
-    if isinstance(node[key], dict | list):
-        raise TuningError(f"{dotted}: is a section or a list in the params file, not a single value")
-    line_no, col = node.lc.value(key)
-    lines = text.splitlines(keepends=True)
-    line = lines[line_no]
-    ending = line[len(line.rstrip("\r\n")) :]
-    body = line[: len(line) - len(ending)]
-    match = re.compile(r"(\"(?:[^\"\\]|\\.)*\"|'(?:[^']|'')*'|[^\s#](?:[^#]*?))(\s+#.*|\s*)$").match(body, col)
-    if match is None:  # e.g. an empty value ("key:") followed by a comment
-        old, rest = "", body[col:]
-    else:
-        old, rest = match.group(1), match.group(2)
-    new = _yaml_scalar(value)
-    if rest.lstrip().startswith("#"):
-        pad = max(1, len(rest) - len(rest.lstrip()) + len(old) - len(new))
-        rest = " " * pad + rest.lstrip()
-    lines[line_no] = body[:col] + new + rest + ending
-    return "".join(lines)

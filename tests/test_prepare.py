@@ -155,6 +155,8 @@ def test_stratified_split_puts_every_class_in_every_split() -> None:
         assert splits == split_dataset(NAMES, (0.7, 0.15, 0.15), seed=seed, classes_present=present)
         for members in splits.values():
             assert set().union(*(present[n] for n in members)) == {0, 1, 2}
+        assert "train_5" in splits["train"]  # no nucleus to score: it trains
+        assert [len(splits[s]) for s in ("train", "val", "test")] == [19, 4, 4]
         plain = split_dataset(NAMES, (0.7, 0.15, 0.15), seed=seed)
         unstratified_misses += any(2 not in set().union(*(present[n] for n in members)) for members in plain.values())
     assert unstratified_misses > 0  # the search is what made the difference
@@ -167,6 +169,15 @@ def test_stratified_split_does_its_best_when_impossible() -> None:
     assert "train_9" in splits["train"]
     with pytest.raises(ValueError, match="train_27"):
         split_dataset(NAMES, seed=0, classes_present={n: {0} for n in NAMES[:-1]})
+
+
+def test_unscoreable_images_train_even_when_most_are() -> None:
+    names = [f"t{k}" for k in range(7)]
+    present = {n: set() for n in names} | {"t0": {0, 1, 2}, "t1": {0, 1, 2}}
+    splits = split_dataset(names, (0.7, 0.15, 0.15), seed=0, classes_present=present)
+    assert set(splits["train"]) >= {f"t{k}" for k in range(2, 7)}
+    assert sorted(n for members in splits.values() for n in members) == sorted(names)
+    assert len(splits["train"]) == 6 and len(splits["val"]) + len(splits["test"]) == 1
 
 
 def test_explicit_split_is_validated() -> None:

@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 
 from nucleiseg.cli import app
 from nucleiseg.params import load_params
+from nucleiseg.presets import set_yaml_values
 from nucleiseg.tuning import (
     OVERRIDES_ATTR,
     PARENT_RUN_ATTR,
@@ -25,7 +26,6 @@ from nucleiseg.tuning import (
     open_storage,
     open_study,
     run_tuning,
-    set_yaml_values,
 )
 
 # A trial of a few seconds: the small U-Net, 2 epochs of 1 step on 64x64 crops, validated on the one

@@ -8,6 +8,7 @@ from nucleiseg.cli import (  # noqa: F401  (importing registers the commands)
     labels,
     pipeline,
     preprocess,
+    presets,
     schedule,
     synth,
     training,

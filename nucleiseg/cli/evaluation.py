@@ -149,3 +149,47 @@ def score(
         f"Hausdorff {_fmt(s['all']['hausdorff'])}, AJI {_fmt(s['all']['aji'])}, PQ {_fmt(s['all']['pq'])}, "
         f"accuracy {_fmt(s['classification']['accuracy'])}; written to {out}"
     )
+
+
+@app.command("report")
+def report_command(
+    params: ParamsOption = Path("params.yaml"),
+    set_: SetOption = None,
+    metrics: Annotated[Path | None, typer.Option(help="Metrics JSON of `nucleiseg score` (default: eval.out).")] = None,
+    train_summary: Annotated[
+        Path | None, typer.Option(help="train_summary.json of `nucleiseg train` (default: in train.out_dir).")
+    ] = None,
+    overlays: Annotated[Path | None, typer.Option(help="Folder of test overlays to show.")] = Path("reports/overlays"),
+    out: Annotated[Path, typer.Option(help="Markdown report to write.")] = Path("reports/results.md"),
+    title: Annotated[str, typer.Option(help="The report's title.")] = "Results on the test split",
+    compare: Annotated[
+        list[str] | None, typer.Option("--compare", help="Published figures to compare with: hovernet-consep.")
+    ] = None,
+) -> None:
+    """Write the results report: Tables 1 and 2, AJI / PQ / mPQ+, confusion matrix, per image, training, overlays."""
+    import json
+
+    from nucleiseg.io import write_text_atomic
+    from nucleiseg.report import render
+
+    settings = read_params(params, set_)
+    metrics = metrics or Path(settings.eval.out)
+    train_summary = train_summary or Path(settings.train.out_dir) / "train_summary.json"
+    try:
+        evaluation = json.loads(metrics.read_text())
+        summary = json.loads(train_summary.read_text()) if train_summary.is_file() else None
+        text = render(
+            evaluation,
+            settings.flat(),
+            out,
+            train_summary=summary,
+            title=title,
+            dataset=settings.data.dir,
+            compare=compare or [],
+            overlay_dir=overlays,
+        )
+    except (OSError, ValueError, KeyError) as exc:
+        fail(f"{metrics}: cannot report it ({exc})")
+        return
+    write_text_atomic(out, text)
+    typer.echo(f"report written to {out}")

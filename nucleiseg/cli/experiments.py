@@ -75,13 +75,15 @@ def _apply(params: Path, set_: list[str] | None, best: Path | None, other_option
     if set_ or other_options:
         fail("--apply takes only --params and --best", code=2)
     from nucleiseg.params import ParamsError
-    from nucleiseg.tuning import TuningError, apply_best_params
+    from nucleiseg.presets import apply_settings
 
     if best is None:
         best = Path(read_params(params, None).tune.out)
+    if not best.is_file():
+        fail(f"{best}: not found; run `nucleiseg tune` first")
     try:
-        changes = apply_best_params(best, params)
-    except (TuningError, ParamsError) as exc:
+        changes = apply_settings(best, params)
+    except ParamsError as exc:
         fail(f"{exc}; {params} left unchanged")
         return
     for key, (old, new) in changes.items():
