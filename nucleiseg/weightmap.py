@@ -103,17 +103,30 @@ def weight_map(label: np.ndarray, w0: float = 10.0, sigma: float = 5.0) -> np.nd
     distances = _two_nearest_distances(label, radius)
     if distances is None:
         return np.ones(label.shape, dtype=np.float32)
-    weights, d2 = distances  # weights reuses d1's buffer: it is computed in place below
-    weights += d2
-    far = weights >= radius
-    np.minimum(weights, np.float32(radius), out=weights)  # unreached distances are ~1.8e19: keep the square finite
-    weights *= weights
-    weights *= np.float32(-1.0 / (2.0 * sigma * sigma))
-    np.exp(weights, out=weights)
-    weights *= np.float32(w0)
-    weights[far] = 0.0
-    weights += np.float32(1.0)
-    return weights
+    total = _exact_distance(distances[0])
+    total += _exact_distance(distances[1])
+    far = total >= radius
+    np.minimum(total, radius, out=total)  # unreached distances are ~1.8e19: keep the square finite
+    total *= total
+    total *= -1.0 / (2.0 * sigma * sigma)
+    np.exp(total, out=total)
+    total *= w0
+    total[far] = 0.0
+    total += 1.0
+    return total.astype(np.float32)
+
+
+def _exact_distance(distance: np.ndarray) -> np.ndarray:
+    """float64 ``sqrt(round(d^2))`` of a float32 Euclidean distance transform.
+
+    Distances between pixel centres are square roots of integers. OpenCV's float32 result can be off in the
+    last bit, depending on which other pixels share the transform (so on the colouring) and, for float32
+    arithmetic in numpy, on where the buffer lies in memory: two training runs with one seed differed.
+    Rounding the square to the integer (exact below about 1400 px) removes both."""
+    exact = distance.astype(np.float64)
+    exact *= exact
+    np.rint(exact, out=exact)
+    return np.sqrt(exact, out=exact)
 
 
 def _check_label(label: np.ndarray) -> np.ndarray:

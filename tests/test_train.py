@@ -70,14 +70,8 @@ def _kill_after_first_epoch(epoch: int, metrics: dict) -> None:
         raise _Killed
 
 
-@pytest.mark.xfail(
-    reason="open issue: CPU training is not bit-reproducible run to run here, so the resumed and the "
-    "uninterrupted runs can drift apart (seen at ~1e-5 in conv weights); resume itself restores every state",
-    strict=False,
-)
 def test_resume_reaches_the_uninterrupted_result(tiny_prepared, tmp_path):
-    # beta=0: the perceptual path adds larger run-to-run float differences (an open issue).
-    params = _params(tmp_path, "train.deterministic=true", "train.epochs=3", "train.beta=0")
+    params = _params(tmp_path, "train.deterministic=true", "train.epochs=3")
     train(params, tiny_prepared, tmp_path / "straight", track=False, progress=False)
 
     with pytest.raises(_Killed):
@@ -90,14 +84,10 @@ def test_resume_reaches_the_uninterrupted_result(tiny_prepared, tmp_path):
     a = load_checkpoint(tmp_path / "straight" / "last.pt")
     b = load_checkpoint(tmp_path / "killed" / "last.pt")
     assert a["epoch"] == b["epoch"] == 2
-    # Multi-threaded CPU kernels can differ in the last bits between runs; a wrong resume (lost optimizer
-    # state, another data order) moves weights by about the learning rate (1e-4) per step, far above 1e-6.
+    # Bit for bit: a deterministic CPU run is exactly reproducible, and resume restores every state.
     for key, tensor in a["state_dict"].items():
-        if tensor.is_floating_point():
-            torch.testing.assert_close(tensor, b["state_dict"][key], rtol=0, atol=1e-6, msg=key)
-        else:
-            assert torch.equal(tensor, b["state_dict"][key]), key
-    assert [h["train_loss"] for h in a["history"]] == pytest.approx([h["train_loss"] for h in b["history"]], rel=1e-5)
+        assert torch.equal(tensor, b["state_dict"][key]), key
+    assert [h["train_loss"] for h in a["history"]] == [h["train_loss"] for h in b["history"]]
 
 
 @pytest.mark.parametrize(
