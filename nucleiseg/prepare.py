@@ -5,10 +5,13 @@ Split
     and ``test``, either from fractions and a seed or from explicit lists. With the classes present in each
     image, the split is *stratified*: among up to ``tries`` seeded shuffles, the first is kept that leaves no
     class missing from any split, or else the one missing the fewest (a class missing from ``train`` counts
-    first, since the model could never learn it). Images with no annotated nucleus of any class (CoNSeP's
-    train_5 holds only "other" nuclei) always go to ``train``: they still teach background, but a
-    validation or test image without nuclei has no detection F1 or Dice and would only dilute the
-    scores. The result depends only on the set of names and the seed, not on their order.
+    first, since the model could never learn it); with the nuclei counted per class, among those the one whose
+    splits hold the fairest shares of every class's nuclei (a tile holding half of all lymphocytes, such as
+    CoNSeP's train_18, would otherwise land in a small test split as easily as in train). Images with no
+    annotated nucleus of any class (CoNSeP's train_5 holds only "other" nuclei) always go to ``train``: they
+    still teach background, but a validation or test image without nuclei has no detection F1 or Dice and
+    would only dilute the scores. The result depends only on the set of names and the seed, not on their
+    order.
 Patches
     As the reference code (github.com/huiqu18/NucleiSegClas, ``split_patches``): ``grid`` x ``grid`` patches
     of ``size`` x ``size`` per image on a uniform grid with overlap; a 1000x1000 tile gives 16 patches of
@@ -83,6 +86,21 @@ def _missing_classes(splits: Mapping[str, list[str]], classes_present: Mapping[s
     return missing_train, missing_total
 
 
+def _imbalance(splits: Mapping[str, list[str]], counts: Mapping[str, Sequence[int]], n: int) -> float:
+    """The largest gap, over classes and non-empty splits, between a split's share of a class's nuclei and
+    its share of the images (0: every split holds its fraction of every class)."""
+    worst = 0.0
+    for c in range(N_CLASSES):
+        total = sum(counts[name][c] for members in splits.values() for name in members)
+        if total == 0:
+            continue
+        for members in splits.values():
+            if members:
+                share = sum(counts[name][c] for name in members) / total
+                worst = max(worst, abs(share - len(members) / n))
+    return worst
+
+
 def split_dataset(
     names: Sequence[str],
     fractions: Sequence[float] = (0.7, 0.15, 0.15),
@@ -90,6 +108,7 @@ def split_dataset(
     explicit: Mapping[str, Sequence[str]] | None = None,
     classes_present: Mapping[str, set[int]] | None = None,
     tries: int = 1000,
+    class_counts: Mapping[str, Sequence[int]] | None = None,
 ) -> dict[str, list[str]]:
     """Split image names into ``{"train": [...], "val": [...], "test": [...]}`` by image.
 
@@ -98,9 +117,19 @@ def split_dataset(
     Otherwise the names are shuffled with ``seed`` and cut by ``fractions`` (:func:`split_sizes`); with
     ``classes_present`` (name -> set of class indices 0..2 in its label) the shuffle is chosen to keep every
     class in every split where possible (see the module docstring). Deterministic for a given set of names
-    and seed.
+    and seed. ``class_counts`` (name -> nuclei per class) implies ``classes_present`` and also balances the
+    nuclei: among the shuffles that miss the fewest classes, the one whose splits hold shares of each class's
+    nuclei closest to their shares of the images (:func:`_imbalance`) is kept.
     """
     names = list(names)
+    if class_counts is not None:
+        missing = [n for n in names if n not in class_counts]
+        if missing:
+            raise ValueError(f"class_counts has no entry for: {', '.join(missing)}")
+        counts = {n: [int(k) for k in class_counts[n]] for n in names}
+        if any(len(k) != N_CLASSES or min(k) < 0 for k in counts.values()):
+            raise ValueError(f"class_counts must give {N_CLASSES} non-negative counts per image")
+        classes_present = {n: {c for c in range(N_CLASSES) if counts[n][c] > 0} for n in names}
     duplicated = sorted({n for n in names if names.count(n) > 1})
     if duplicated:
         raise ValueError(f"duplicated image names: {', '.join(duplicated)}")
@@ -140,9 +169,11 @@ def split_dataset(
     for _ in range(max(1, tries)):
         candidate = cut(rng.permutation(len(pool)))
         score = _missing_classes(candidate, present)
+        if class_counts is not None:
+            score = (*score, _imbalance(candidate, counts, len(pool)))
         if best_score is None or score < best_score:
             best, best_score = candidate, score
-        if score == bound:
+        if class_counts is None and score == bound:
             break
     assert best is not None
     if unscoreable and len(unscoreable) < len(present):

@@ -185,9 +185,9 @@ def overlay_lines(overlay_dir: Path | None, report_path: Path, limit: int = 4) -
     """Markdown images of up to ``limit`` overlays, linked relative to the report."""
     if overlay_dir is None or not overlay_dir.is_dir():
         return []
-    files = sorted(overlay_dir.glob("*.png"))[:limit]
+    files = sorted(p for p in overlay_dir.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg"))[:limit]
     lines = [
-        "Outlines of the predicted nuclei on test images (red tumor, green lymphocyte, blue stroma):",
+        f"Nuclei outlined on test images (red tumor, green lymphocyte, blue stroma), from `{overlay_dir}`:",
         "",
     ]
     for path in files:

@@ -166,10 +166,10 @@ def split_task(
     fractions: tuple[float, float, float],
     seed: int,
     explicit: dict[str, list[str]] | None,
-    classes_present: dict[str, set[int]] | None,
+    class_counts: dict[str, list[int]] | None,
 ) -> dict[str, list[str]]:
     """Split the tiles by image into train / val / test (cheap and deterministic: not cached)."""
-    return split_dataset(names, fractions, seed, explicit=explicit, classes_present=classes_present)
+    return split_dataset(names, fractions, seed, explicit=explicit, class_counts=class_counts)
 
 
 @task(name="fit-stain", cache_key_fn=_stain_key, persist_result=True)
@@ -263,13 +263,11 @@ def preprocess(
     with atomic_dir(out) as work:
         validate_task(manifest, checks, str(work / "validation"), data_dir)
         names = manifest["name"].tolist()
-        classes_present = None
+        class_counts = None
         if stratify:
             counts = manifest[[f"n_{c}" for c in CLASS_NAMES]].to_numpy()
-            classes_present = {
-                n: {c for c in range(len(CLASS_NAMES)) if row[c] > 0} for n, row in zip(names, counts, strict=True)
-            }
-        splits = split_task(names, split_fractions, split_seed, split_explicit, classes_present)
+            class_counts = {n: [int(k) for k in row] for n, row in zip(names, counts, strict=True)}
+        splits = split_task(names, split_fractions, split_seed, split_explicit, class_counts)
         write_splits(work / "splits.json", splits)
 
         reference = _reference(manifest, stain_reference, splits["train"])

@@ -235,3 +235,32 @@ def test_stats_file_round_trip_and_errors(tmp_path) -> None:
     (tmp_path / "bad.json").write_text('{"mean": [1, 2]}')
     with pytest.raises(ValueError, match=r"bad\.json"):
         read_stats(tmp_path / "bad.json")
+
+
+def _consep_like_counts() -> dict[str, list[int]]:
+    # Nuclei per class (tumor, lymphocyte, stroma) of the 27 CoNSeP training tiles: train_18 holds half of
+    # all lymphocytes, train_5 none of any class.
+    rows = {
+        1: (287, 95, 459), 2: (0, 31, 262), 3: (430, 36, 201), 4: (0, 3, 74), 5: (0, 0, 0), 6: (281, 215, 271),
+        7: (555, 0, 51), 8: (377, 195, 298), 9: (0, 232, 414), 10: (384, 278, 333), 11: (0, 1, 99),
+        12: (0, 35, 100), 13: (721, 3, 24), 14: (278, 30, 194), 15: (0, 33, 127), 16: (0, 43, 219),
+        17: (728, 32, 36), 18: (0, 2018, 265), 19: (488, 4, 250), 20: (452, 37, 50), 21: (0, 7, 254),
+        22: (333, 74, 330), 23: (0, 447, 793), 24: (223, 26, 464), 25: (0, 11, 0), 26: (0, 32, 98), 27: (0, 23, 40),
+    }  # fmt: skip
+    return {f"train_{k}": list(v) for k, v in rows.items()}
+
+
+def test_split_balances_the_nuclei_of_each_class() -> None:
+    counts = _consep_like_counts()
+    names = sorted(counts)
+    for seed in range(3):
+        splits = split_dataset(names, (0.7, 0.15, 0.15), seed=seed, class_counts=counts)
+        assert splits == split_dataset(list(reversed(names)), (0.7, 0.15, 0.15), seed=seed, class_counts=counts)
+        assert "train_18" in splits["train"] and "train_5" in splits["train"]
+        assert [len(splits[s]) for s in ("train", "val", "test")] == [19, 4, 4]
+        for c in range(3):
+            total = sum(v[c] for v in counts.values())
+            held = [sum(counts[n][c] for n in splits[s]) / total for s in ("train", "val", "test")]
+            assert held[0] > 0.6 and min(held[1:]) > 0.05, (seed, c, held)
+    with pytest.raises(ValueError, match="class_counts has no entry for: train_9"):
+        split_dataset(names, class_counts={n: v for n, v in counts.items() if n != "train_9"})
