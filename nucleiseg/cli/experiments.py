@@ -74,21 +74,13 @@ def tune_command(
 def _apply(params: Path, set_: list[str] | None, best: Path | None, other_options: bool) -> None:
     if set_ or other_options:
         fail("--apply takes only --params and --best", code=2)
-    from nucleiseg.params import ParamsError
-    from nucleiseg.presets import apply_settings
+    from nucleiseg.cli.presets import apply_settings_file
 
     if best is None:
         best = Path(read_params(params, None).tune.out)
     if not best.is_file():
         fail(f"{best}: not found; run `nucleiseg tune` first")
-    try:
-        changes = apply_settings(best, params)
-    except ParamsError as exc:
-        fail(f"{exc}; {params} left unchanged")
-        return
-    for key, (old, new) in changes.items():
-        typer.echo(f"{key}: {old} -> {new}")
-    typer.echo(f"applied {len(changes)} setting(s) from {best} to {params}")
+    apply_settings_file(best, params)
 
 
 @app.command("ablate")

@@ -22,10 +22,22 @@ def preset_command(
     and paper (the paper's 300-epoch schedule, for a GPU). `git diff params.yaml` shows what changed.
     """
     from nucleiseg.params import ParamsError
-    from nucleiseg.presets import apply_settings, resolve_preset
+    from nucleiseg.presets import resolve_preset
 
     try:
         path = resolve_preset(preset)
+    except ParamsError as exc:
+        fail(f"{exc}; {params} left unchanged")
+        return
+    apply_settings_file(path, params)
+
+
+def apply_settings_file(path: Path, params: Path) -> None:
+    """Copy a settings file into the params file and print what changed; exit 1 (file kept) when invalid."""
+    from nucleiseg.params import ParamsError
+    from nucleiseg.presets import apply_settings
+
+    try:
         changes = apply_settings(path, params)
     except ParamsError as exc:
         fail(f"{exc}; {params} left unchanged")
@@ -33,4 +45,4 @@ def preset_command(
     for key, (old, new) in changes.items():
         if old != new:
             typer.echo(f"{key}: {old} -> {new}")
-    typer.echo(f"applied preset {path} to {params} ({len(changes)} setting(s))")
+    typer.echo(f"applied {len(changes)} setting(s) from {path} to {params}")
