@@ -16,6 +16,11 @@ Definitions (MLflow 3 registry, aliases only; stages are deprecated and never us
   updated and marked ``reevaluated.*``. Without an evaluator such a version cannot be compared and the champion
   stays. The decision is recorded as ``promotion.*`` tags on the challenger, and the replaced champion is tagged
   ``promotion.replaced_by``.
+- **leakage**: a version records the images it was trained and validated on (tag ``trained_on``, when the
+  names fit in a tag). Its score on a test split that holds any of them is not a test score: when the gate is
+  given the current test images, a challenger that saw some of them is rejected, and a champion that saw some
+  of them cannot defend its title with that score: a clean challenger replaces it. Versions that recorded no
+  names are compared as before.
 
 Functions take an optional ``tracking_uri`` (the registry lives in the same store); without one they use the
 current MLflow configuration (see :func:`nucleiseg.tracking.configure`).
@@ -26,7 +31,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -43,6 +48,9 @@ METRIC_PREFIX = "test."
 LOWER_IS_BETTER = frozenset({"hausdorff"})
 # Summary entries that are bookkeeping rather than figures; not copied to tags.
 _SKIPPED_KEYS = frozenset({"nan_skipped"})
+TRAINED_ON = "trained_on"
+# MLflow limits a tag value (8,000 characters in MLflow 3); longer name lists are not recorded.
+TRAINED_ON_MAX_CHARS = 7500
 
 Evaluator = Callable[[str], Mapping[str, Any]]
 
@@ -218,11 +226,15 @@ def register_model(
     git_commit: str | None,
     params_hash: str,
     run_id: str | None = None,
+    trained_on: Sequence[str] | None = None,
     *,
     tracking_uri: str | None = None,
 ) -> str:
     """Add ``model_uri`` as a new version of ``name`` (created if needed), tagged with its provenance and
     flattened test figures, and give it the ``challenger`` alias. Returns the version number (as text).
+
+    ``trained_on``: the names of the images the model was trained and validated on, recorded for the gate's
+    leakage check (see the module docstring) when they fit in a tag; their number is recorded in any case.
 
     ``model_uri`` is the URI ``log_model`` returned (``models:/m-...``), a ``runs:/<run>/<name>`` URI, or a
     path to a saved MLflow model. The version is linked to the run that logged the model; ``run_id`` is used
@@ -246,12 +258,44 @@ def register_model(
         "git_commit": git_commit or "unknown",
         "params_hash": params_hash,
         "registered.time": _now(),
+        **_trained_on_tags(trained_on),
     }
     version = client.create_model_version(
         name, source, run_id=source_run_id or run_id, tags=tags, model_id=model_id
     ).version
     client.set_registered_model_alias(name, CHALLENGER, str(version))
     return str(version)
+
+
+def _trained_on_tags(names: Sequence[str] | None) -> dict[str, str]:
+    if names is None:
+        return {}
+    joined = ",".join(sorted(set(names)))
+    tags = {f"{TRAINED_ON}.count": str(len(set(names)))}
+    if any("," in n for n in names) or len(joined) > TRAINED_ON_MAX_CHARS:
+        return tags  # not recordable as one tag: the gate cannot check this version
+    return {**tags, TRAINED_ON: joined}
+
+
+def trained_on(mv: ModelVersion) -> frozenset[str] | None:
+    """The images version ``mv`` was trained and validated on, or None when it did not record them."""
+    value = mv.tags.get(TRAINED_ON)
+    if value is None:
+        return None
+    return frozenset(n for n in value.split(",") if n)
+
+
+def _leaked(mv: ModelVersion, test_images: frozenset[str] | None) -> list[str]:
+    """The current test images that ``mv`` saw in training or validation (sorted; empty when unknown)."""
+    seen = trained_on(mv)
+    if test_images is None or seen is None:
+        return []
+    return sorted(seen & test_images)
+
+
+def _names(names: Sequence[str], shown: int = 5) -> str:
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
 
 
 def registry_state(name: str, *, tracking_uri: str | None = None) -> dict[str, Any]:
@@ -382,6 +426,7 @@ def promote_challenger(
     tie_breaker: str = "all.dice",
     split_hash: str | None = None,
     evaluate: Evaluator | None = None,
+    test_images: Sequence[str] | None = None,
     *,
     tracking_uri: str | None = None,
 ) -> Decision:
@@ -389,7 +434,8 @@ def promote_challenger(
 
     ``split_hash`` is the current test split (None: trust the recorded figures without checking their split).
     ``evaluate(model_uri) -> nested summary`` scores a version on the current split when its recorded split
-    differs. The decision is returned and recorded as ``promotion.*`` tags on the challenger.
+    differs. ``test_images`` (the current test split's image names) turns on the leakage check. The decision
+    is returned and recorded as ``promotion.*`` tags on the challenger.
     """
     client = _client(tracking_uri)
     challenger = _by_alias(client, name, CHALLENGER)
@@ -409,9 +455,38 @@ def promote_challenger(
         scores = {"challenger": {k: _tag_score(challenger.tags, k) for k in keys}}
         return Decision(False, new_v, old_v, f"v{new_v} already is the champion", scores, "unchanged")
 
+    tested = None if test_images is None else frozenset(test_images)
+    new_leak = _leaked(challenger, tested)
+    old_leak = [] if champion is None else _leaked(champion, tested)
+    if new_leak:
+        decision = Decision(
+            False,
+            new_v,
+            old_v,
+            f"challenger v{new_v} was trained or validated on {len(new_leak)} image(s) of the current test split "
+            f"({_names(new_leak)}): its figures are not a test; "
+            + (f"champion v{old_v} stays" if old_v else "no champion is set"),
+            {},
+            "rejected",
+        )
+        _record(client, name, decision, split_hash, metric)
+        return decision
     new_scores, new_re = _scores_now(client, name, challenger, keys, split_hash, evaluate)
     reevaluated = (new_v,) if new_re else ()
-    if champion is None:
+    if champion is not None and old_leak:
+        figures = new_scores or {k: _tag_score(challenger.tags, k) for k in keys}
+        decision = Decision(
+            True,
+            new_v,
+            old_v,
+            f"champion v{old_v} was trained or validated on {len(old_leak)} image(s) of the current test split "
+            f"({_names(old_leak)}), so its score there is not comparable; {_describe('challenger', new_v, figures)}"
+            f", which did not see them, is promoted over champion v{old_v}",
+            {"challenger": figures},
+            "promoted",
+            reevaluated,
+        )
+    elif champion is None:
         figures = new_scores or {k: _tag_score(challenger.tags, k) for k in keys}
         note = "" if new_scores is not None else f" (its figures are from split {challenger.tags.get('split_hash')})"
         decision = Decision(

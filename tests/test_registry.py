@@ -280,6 +280,65 @@ def test_split_change_without_evaluator_keeps_champion(store: Store) -> None:
     assert "cannot compare" in decision.reason and "old-split" in decision.reason
 
 
+def _register_trained(store: Store, name: str, f1: float, trained_on: list[str]) -> str:
+    return registry.register_model(
+        store.model_uri,
+        name,
+        _summary(f1),
+        dataset_hash="data-1",
+        split_hash="split-a",
+        git_commit="abc123",
+        params_hash="p-1",
+        trained_on=trained_on,
+        tracking_uri=store.uri,
+    )
+
+
+def test_register_records_the_training_images(store: Store) -> None:
+    version = _register_trained(store, "leak-tags", 0.5, ["b", "a", "a"])
+    tags = _tags(store, "leak-tags", version)
+    assert tags["trained_on"] == "a,b" and tags["trained_on.count"] == "2"
+    many = [f"image_{i:05d}" for i in range(1000)]  # 11,999 characters: more than a tag holds
+    tags = _tags(store, "leak-tags", _register_trained(store, "leak-tags", 0.5, many))
+    assert "trained_on" not in tags and tags["trained_on.count"] == "1000"
+
+
+def test_champion_trained_on_the_test_images_is_replaced(store: Store) -> None:
+    """A re-split moved tile_2 from training to test: the champion's score there is not a test score."""
+    name = "leak-champion"
+    _register_trained(store, name, 0.9, ["tile_1", "tile_2"])
+    assert _gate(store, name, test_images=["tile_3"]).promoted
+    _register_trained(store, name, 0.5, ["tile_1", "tile_3"])
+    decision = _gate(store, name, test_images=["tile_2", "tile_4"])
+    assert decision.promoted and decision.decision == "promoted" and decision.champion_before == "1"
+    assert "tile_2" in decision.reason and "not comparable" in decision.reason
+    assert _aliases(store, name)[CHAMPION] == "2"
+    assert _tags(store, name, "1")["promotion.replaced_by"] == "2"
+
+
+def test_challenger_trained_on_the_test_images_is_rejected(store: Store) -> None:
+    name = "leak-challenger"
+    _register_trained(store, name, 0.5, ["tile_1"])
+    assert _gate(store, name, test_images=["tile_9"]).promoted
+    _register_trained(store, name, 0.99, ["tile_1", "tile_9"])
+    decision = _gate(store, name, test_images=["tile_9"])
+    assert not decision.promoted and decision.decision == "rejected"
+    assert "tile_9" in decision.reason and "champion v1 stays" in decision.reason
+    assert _aliases(store, name)[CHAMPION] == "1"
+    assert _tags(store, name, "2")["promotion.decision"] == "rejected"
+    # with no test images given, the leak cannot be seen, and the recorded figures decide as before
+    assert _gate(store, name).promoted
+
+
+def test_versions_without_training_images_are_compared_as_before(store: Store) -> None:
+    name = "leak-unknown"
+    _register(store, name, 0.5)
+    assert _gate(store, name, test_images=["tile_1"]).promoted
+    _register(store, name, 0.6)
+    decision = _gate(store, name, test_images=["tile_1"])
+    assert decision.promoted and "promoted over champion v1" in decision.reason
+
+
 def test_manual_promotion_is_recorded(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
     import mlflow
 
@@ -358,6 +417,7 @@ def test_cli_register_and_promote(store: Store, tmp_path: Path, monkeypatch: pyt
     )
     tags = _tags(store, "cli-model", "1")
     assert tags["dataset_hash"] == tracking.dataset_hash(tmp_path / "data") and tags["test.all.f1"] == "0.7"
+    assert tags["trained_on"] == "a,b"  # train + val of splits.json, for the gate's leakage check
 
     result = runner.invoke(app, ["register", *common, *_cli_files(tmp_path, store, 0.5), "--out", str(out)])
     assert result.exit_code == 0, result.output

@@ -38,6 +38,16 @@ def _read_summary(path: Path) -> dict[str, Any]:
     return summary
 
 
+def _split_names(splits: Path) -> tuple[list[str], list[str]]:
+    """``(train + val, test)`` image names of a ``splits.json``; exits naming the file when it is unusable."""
+    try:
+        data = json.loads(splits.read_text())
+        names = {part: [str(n) for n in data.get(part, [])] for part in ("train", "val", "test")}
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError, TypeError) as exc:
+        fail(f"{splits}: not a readable split file ({exc})")
+    return names["train"] + names["val"], names["test"]
+
+
 def _echo_decision(decision: Decision, name: str) -> None:
     colour = typer.colors.GREEN if decision.promoted else typer.colors.YELLOW
     typer.secho(f"{name} v{decision.challenger}: {decision.decision}. {decision.reason}", fg=colour)
@@ -80,6 +90,7 @@ def register_from_files(
         split = registry.split_hash(splits)
     except registry.RegistryError as exc:
         fail(str(exc))
+    trained_on, test_images = _split_names(splits)
 
     tracking.configure(settings.tracking.uri, settings.tracking.experiment, settings.tracking.artifacts)
     try:
@@ -92,10 +103,16 @@ def register_from_files(
             git_commit=tracking.git_commit(),
             params_hash=settings.digest(),
             run_id=run_id,
+            trained_on=trained_on,
         )
         typer.echo(f"registered {model_uri} as {promote.model_name} v{version} (alias {registry.CHALLENGER})")
         decision = registry.promote_challenger(
-            promote.model_name, promote.metric, promote.tie_breaker, split_hash=split, evaluate=evaluate
+            promote.model_name,
+            promote.metric,
+            promote.tie_breaker,
+            split_hash=split,
+            evaluate=evaluate,
+            test_images=test_images,
         )
         state = registry.registry_state(promote.model_name)
     except registry.RegistryError as exc:
@@ -185,10 +202,11 @@ def promote_command(
 
     name = settings.promote.model_name
     splits = splits or Path(settings.data.prepared) / "splits.json"
-    split = None
+    split, test_images = None, None
     if version is None:
         if splits.is_file():
             split = registry.split_hash(splits)
+            test_images = _split_names(splits)[1]
         else:
             typer.secho(
                 f"warning: {splits} not found; comparing recorded figures without checking their split",
@@ -206,6 +224,7 @@ def promote_command(
                 settings.promote.tie_breaker,
                 split_hash=split,
                 evaluate=split_evaluator(settings, splits) if split is not None else None,
+                test_images=test_images,
             )
         state = registry.registry_state(name)
     except registry.RegistryError as exc:
