@@ -481,6 +481,45 @@ def test_predict_command_end_to_end_with_a_corrupt_image(tmp_path):
     assert json.loads((out / "tta" / "summary.json").read_text())["infer"]["tta"] is True
 
 
+def test_score_command_takes_tiling_from_params_not_the_checkpoint(tmp_path):
+    """The evaluate stage declares infer and post as params: changing them must change how it scores."""
+    from typer.testing import CliRunner
+
+    from nucleiseg.cli import app
+    from nucleiseg.infer import InferSettings, PostSettings, load_predictor
+    from nucleiseg.io import write_image
+    from nucleiseg.labels import write_label
+
+    ckpt = write_checkpoint(tmp_path / "model.pt", tiny_model(seed=3))  # saved with tile 64, overlap 16
+    data = tmp_path / "data"
+    label = np.zeros((96, 80), np.uint16)
+    label[10:20, 10:22], label[40:52, 30:40] = 3, 4
+    write_image(data / "tile_a.png", rgb(96, 80, seed=5))
+    write_label(data / "tile_a_label.png", label)
+    splits = tmp_path / "splits.json"
+    splits.write_text('{"train": [], "val": [], "test": ["tile_a"]}')
+    out = tmp_path / "reports" / "metrics.json"
+    (tmp_path / "params.yaml").write_text("{}\n")
+    result = CliRunner().invoke(
+        app,
+        ["score", str(ckpt), "--params", str(tmp_path / "params.yaml"), "--splits", str(splits),
+         "--data-dir", str(data), "--out", str(out), "--set", "infer.tile=32", "--set", "infer.overlap=8",
+         "--set", "post.min_area=3", "--set", "train.device=cpu"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    assert report["infer"] == {"tile": 32, "overlap": 8, "batch_size": 8, "tta": False}
+    assert report["post"] == {"min_area": 3, "radius": 1}
+    # the figures are those of the model predicting with that tiling
+    predictor = load_predictor(ckpt, device="cpu")
+    predictor.infer, predictor.post = InferSettings(32, 8, 8, False), PostSettings(3, 1)
+    from nucleiseg.evaluation import evaluate_model, split_items
+
+    expected = evaluate_model(predictor, split_items(data, splits, "test"))["summary"]
+    assert report["summary"]["all"]["tp"] == expected["all"]["tp"]
+    assert report["summary"]["all"]["fp"] == expected["all"]["fp"]
+
+
 def test_predict_command_reports_a_bad_model(tmp_path):
     from typer.testing import CliRunner
 

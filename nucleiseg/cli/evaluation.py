@@ -114,11 +114,12 @@ def score(
 
     Writes the metrics JSON (as `nucleiseg evaluate`) and, beside it, <stem>_summary.json with the headline
     figures (DVC metrics) and confusion.json with one row per matched nucleus (actual, predicted) for DVC's
-    confusion plot."""
+    confusion plot. Tiling and post-processing come from the params sections infer and post (as for `nucleiseg
+    predict`), not from the settings saved with the model, so `--set infer.tile=1024` scores a model that way."""
     settings = read_params(params, set_)
     from nucleiseg import tracking
     from nucleiseg.evaluation import confusion_rows, evaluate_model, headline, split_items
-    from nucleiseg.infer import ModelLoadError, load_predictor
+    from nucleiseg.infer import InferSettings, ModelLoadError, PostSettings, load_predictor, settings_from
     from nucleiseg.io import write_json_atomic
 
     out = out or Path(settings.eval.out)
@@ -135,11 +136,14 @@ def score(
     except ModelLoadError as exc:
         fail(str(exc))
         return
+    predictor.infer = settings_from(InferSettings, settings.infer.model_dump())
+    predictor.post = settings_from(PostSettings, settings.post.model_dump())
     report = evaluate_model(
         predictor, items, out_dir=predictions, overlay_dir=overlays, on_image=lambda n: typer.echo(f"scored {n}")
     )
     report["model"] = model
     report["split"] = split
+    report["infer"], report["post"] = predictor.infer.__dict__, predictor.post.__dict__
     write_json_atomic(out, _json_ready(report))
     write_json_atomic(out.with_name(f"{out.stem}_summary.json"), _json_ready(headline(report)))
     write_json_atomic(out.with_name("confusion.json"), confusion_rows(report))
