@@ -270,9 +270,10 @@ def register_model(
 def _trained_on_tags(names: Sequence[str] | None) -> dict[str, str]:
     if names is None:
         return {}
-    joined = ",".join(sorted(set(names)))
-    tags = {f"{TRAINED_ON}.count": str(len(set(names)))}
-    if any("," in n for n in names) or len(joined) > TRAINED_ON_MAX_CHARS:
+    unique = sorted(set(names))
+    joined = ",".join(unique)
+    tags = {f"{TRAINED_ON}.count": str(len(unique))}
+    if any("," in n for n in unique) or len(joined) > TRAINED_ON_MAX_CHARS:
         return tags  # not recordable as one tag: the gate cannot check this version
     return {**tags, TRAINED_ON: joined}
 
@@ -473,8 +474,8 @@ def promote_challenger(
         return decision
     new_scores, new_re = _scores_now(client, name, challenger, keys, split_hash, evaluate)
     reevaluated = (new_v,) if new_re else ()
-    if champion is not None and old_leak:
-        figures = new_scores or {k: _tag_score(challenger.tags, k) for k in keys}
+    figures = new_scores or {k: _tag_score(challenger.tags, k) for k in keys}  # when no comparison is needed
+    if old_leak:
         decision = Decision(
             True,
             new_v,
@@ -487,7 +488,6 @@ def promote_challenger(
             reevaluated,
         )
     elif champion is None:
-        figures = new_scores or {k: _tag_score(challenger.tags, k) for k in keys}
         note = "" if new_scores is not None else f" (its figures are from split {challenger.tags.get('split_hash')})"
         decision = Decision(
             True,

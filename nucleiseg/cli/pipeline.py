@@ -40,11 +40,12 @@ def _read_summary(path: Path) -> dict[str, Any]:
 
 def _split_names(splits: Path) -> tuple[list[str], list[str]]:
     """``(train + val, test)`` image names of a ``splits.json``; exits naming the file when it is unusable."""
+    from nucleiseg.prepare import read_splits
+
     try:
-        data = json.loads(splits.read_text())
-        names = {part: [str(n) for n in data.get(part, [])] for part in ("train", "val", "test")}
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError, TypeError) as exc:
-        fail(f"{splits}: not a readable split file ({exc})")
+        names = read_splits(splits)
+    except ValueError as exc:
+        fail(str(exc))
     return names["train"] + names["val"], names["test"]
 
 
