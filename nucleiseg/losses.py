@@ -19,12 +19,17 @@ Cost: the perceptual term computes the same numbers as the reference formulation
   gradients only); the target's features are computed without an autograd graph;
 - the input is one map repeated to three channels, so ``conv1_1`` becomes a 1-channel convolution with its
   weights summed over RGB;
-- on CPUs (:meth:`VGG16Features.cpu_optimized`): channels-last layout; the convolutions of blocks 2-4 by
-  Winograd's F(4x4, 3x3) (:mod:`nucleiseg.models.winograd`: 4x fewer multiplications); the binary target's
-  first two convolutions by table look-up (:class:`BinaryStem`); the batch two images at a time, each
-  chunk's VGG backward done at once (:class:`_ChunkedPerceptual`), which keeps the working set small.
+- on CPUs (:meth:`VGG16Features.cpu_optimized`): channels-last layout; the 3x3 convolutions of blocks 2-4
+  by Winograd's F(6x6, 3x3) (F(4x4, 3x3) without a C compiler) with their ReLUs fused
+  (:mod:`nucleiseg.models.winograd`: ~5x fewer multiplications, compiled tile transforms, one reused
+  scratch workspace); each tap's ReLU, distance and the max-pool after it in one pass each way
+  (:mod:`nucleiseg.models.feature_taps`); the binary target's first two convolutions by table look-up
+  (:class:`BinaryStem`); the batch two images at a time, each chunk's VGG backward done at once
+  (:class:`_ChunkedPerceptual`), which keeps the working set small. ``conv1_2`` (64 channels at full
+  resolution) stays direct: by Winograd it was no faster, measured, and rounds more.
 
-Results agree with the direct formulation to float32 rounding (relative 1e-7 on the loss at 2x224x224).
+Results agree with the direct formulation to float32 rounding (relative 1e-7 on the loss at 2x224x224; the
+gradient to ~1e-6, or ~1e-4 where rounding flips a ReLU or a max-pool choice between two near-equal values).
 """
 
 from __future__ import annotations
@@ -37,7 +42,8 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models.vgg import cfgs, make_layers
 
-from nucleiseg.models.winograd import FrozenWinogradConv2d
+from nucleiseg.models import feature_taps, winograd
+from nucleiseg.models.winograd import FrozenWinogradConv2d, WinogradWorkspace
 from nucleiseg.weights import WeightsInfo, load_matching, vgg16_state_dict
 
 CONTOUR_CLASS = 4
@@ -89,6 +95,7 @@ class VGG16Features(nn.Module):
         layers[0] = folded
         self.layers = layers
         self.taps = frozenset(VGG16_LAYERS.values())
+        self.fused_taps = False  # see feature_distance; set on the CPU copy
         self.requires_grad_(False)
         self.eval()
 
@@ -121,17 +128,53 @@ class VGG16Features(nn.Module):
                 features.append(x)
         return features
 
+    def feature_distance(self, x: torch.Tensor, targets: list[torch.Tensor]) -> torch.Tensor:
+        """``1/4 · sum over the taps of mean((phi_l(x) - targets[l])^2)``, differentiable in ``x``.
+
+        With ``fused_taps`` (the CPU copy), each tap's ReLU, distance and the max-pool after it run as one
+        op (:func:`nucleiseg.models.feature_taps.fused_tap`); otherwise layer by layer."""
+        terms = []
+        layers = list(self.layers)
+        i = 0
+        while i < len(layers):
+            if i in self.taps and self.fused_taps and feature_taps.available(x):
+                # the tap's layer is its ReLU (or an Identity after a ReLU fused into the convolution:
+                # applying the ReLU once more changes nothing)
+                following = layers[i + 1] if i + 1 < len(layers) else None
+                pool = isinstance(following, nn.MaxPool2d) and _is_2x2_pool(following)
+                term, pooled = feature_taps.fused_tap(x, targets[len(terms)], pool)
+                terms.append(term)
+                if pool:
+                    x, i = pooled, i + 2
+                    continue
+            else:
+                x = layers[i](x)
+                if i in self.taps:
+                    terms.append(_SquaredDistance.apply(x, targets[len(terms)]))
+            i += 1
+        return torch.stack(terms).mean()
+
     def cpu_optimized(self) -> VGG16Features:
-        """A copy for CPUs: channels-last weights; Winograd F(4x4, 3x3) for the convolutions of blocks 2-4
-        (in block 1, at full resolution with 64 channels, the memory-bound tile transforms cost more than
-        they save: measured); the first two convolutions by table look-up for binary maps (:class:`BinaryStem`).
-        The Winograd kernels take 8x the memory of the weights they replace (~250 MB in all)."""
+        """A copy for CPUs: channels-last weights; the 3x3 convolutions of blocks 2-4 by Winograd F(6x6, 3x3),
+        or F(4x4, 3x3) without the compiled transforms, with their ReLUs fused (:mod:`nucleiseg.models.winograd`;
+        the fused ReLUs' places hold ``nn.Identity`` so that the taps keep their indices); the taps fused with
+        the max-pools after them (:meth:`feature_distance`); the first two convolutions by table look-up for
+        binary maps (:class:`BinaryStem`). Block 1 stays direct: at full resolution with 64 channels the
+        Winograd transforms cost what they save (measured). The Winograd kernels, forward and backward, take
+        14x (F(6x6)) or 8x (F(4x4)) the memory of the weights they replace (~430 or ~250 MB); all layers
+        share one scratch workspace (they run one after another)."""
         fast = copy.deepcopy(self).to(memory_format=torch.channels_last)
+        workspace = WinogradWorkspace()
+        tile = 6 if winograd.compiled_available() else 4
         first_pool = next(i for i, layer in enumerate(fast.layers) if isinstance(layer, nn.MaxPool2d))
         for i, layer in enumerate(fast.layers):
             if isinstance(layer, nn.Conv2d) and i > first_pool:
-                fast.layers[i] = FrozenWinogradConv2d.from_conv(layer)
+                fused = isinstance(fast.layers[i + 1], nn.ReLU)
+                fast.layers[i] = FrozenWinogradConv2d.from_conv(layer, relu=fused, workspace=workspace, tile=tile)
+                if fused:
+                    fast.layers[i + 1] = nn.Identity()
         fast.binary_stem = BinaryStem(fast.layers[0], fast.layers[2])
+        fast.fused_taps = True
         return fast
 
 
@@ -189,9 +232,14 @@ def _perceptual_terms(net: nn.Module, pred: torch.Tensor, target: torch.Tensor, 
     """``(1/4) sum_l mean((phi_l(pred) - phi_l(target))^2)``; the target's features without a graph."""
     with torch.no_grad():
         target_features = net.forward_binary(target) if binary else net(target)
-    pred_features = net(pred)
-    terms = [_SquaredDistance.apply(p, t) for p, t in zip(pred_features, target_features, strict=True)]
-    return torch.stack(terms).mean()
+    return net.feature_distance(pred, target_features)
+
+
+def _is_2x2_pool(pool: nn.MaxPool2d) -> bool:
+    return (pool.kernel_size, pool.stride, pool.padding, pool.dilation, pool.ceil_mode) in (
+        (2, 2, 0, 1, False),
+        ((2, 2), (2, 2), (0, 0), (1, 1), False),
+    )
 
 
 class _ChunkedPerceptual(torch.autograd.Function):
