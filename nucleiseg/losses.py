@@ -105,54 +105,50 @@ class VGG16Features(nn.Module):
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         if x.ndim != 4 or x.shape[1] != 1:
             raise ValueError(f"VGG16Features expects single-channel maps (N, 1, H, W), got {tuple(x.shape)}")
-        features = []
-        for i, layer in enumerate(self.layers):
-            x = layer(x)
-            if i in self.taps:
-                features.append(x)
-        return features
+        return self.run(x)[0]
 
     def forward_binary(self, x: torch.Tensor) -> list[torch.Tensor]:
         """:meth:`forward` for maps of zeros and ones, the first two convolutions by table look-up when the
         network has a :class:`BinaryStem` (its CPU copy does); the same features up to float rounding."""
-        stem = getattr(self, "binary_stem", None)
-        if stem is None:
-            return self(x)
-        x = stem(x)  # conv1_2 before its ReLU
-        features = []
-        for i, layer in enumerate(self.layers):
-            if i < stem.replaces:
-                continue
-            x = layer(x)
-            if i in self.taps:
-                features.append(x)
-        return features
+        return self.run(x, binary=True)[0]
 
     def feature_distance(self, x: torch.Tensor, targets: list[torch.Tensor]) -> torch.Tensor:
-        """``1/4 · sum over the taps of mean((phi_l(x) - targets[l])^2)``, differentiable in ``x``.
+        """``1/4 · sum over the taps of mean((phi_l(x) - targets[l])^2)``, differentiable in ``x``."""
+        return torch.stack(self.run(x, targets=targets)[0]).mean()
 
-        With ``fused_taps`` (the CPU copy), each tap's ReLU, distance and the max-pool after it run as one
-        op (:func:`nucleiseg.models.feature_taps.fused_tap`); otherwise layer by layer."""
-        terms = []
+    def run(
+        self, x: torch.Tensor, targets: list[torch.Tensor] | None = None, binary: bool = False
+    ) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """The layers applied to ``x``: ``(per tap, its features, or with targets its distance term
+        mean((features - target)^2); the output)``. ``binary``: ``x`` holds zeros and ones, use the
+        :class:`BinaryStem` when there is one.
+
+        With ``fused_taps`` (the CPU copy) and targets, each tap's ReLU, distance and the max-pool after it
+        run as one op (:func:`nucleiseg.models.feature_taps.fused_tap`); otherwise layer by layer."""
         layers = list(self.layers)
+        stop = len(layers)
+        out: list[torch.Tensor] = []
+        stem = getattr(self, "binary_stem", None) if binary else None
         i = 0
-        while i < len(layers):
-            if i in self.taps and self.fused_taps and feature_taps.available(x):
+        if stem is not None:
+            x, i = stem(x), stem.replaces  # conv1_2 before its ReLU
+        while i < stop:
+            if targets is not None and i in self.taps and self.fused_taps and feature_taps.available(x):
                 # the tap's layer is its ReLU (or an Identity after a ReLU fused into the convolution:
                 # applying the ReLU once more changes nothing)
-                following = layers[i + 1] if i + 1 < len(layers) else None
+                following = layers[i + 1] if i + 1 < stop else None
                 pool = isinstance(following, nn.MaxPool2d) and _is_2x2_pool(following)
-                term, pooled = feature_taps.fused_tap(x, targets[len(terms)], pool)
-                terms.append(term)
+                term, pooled = feature_taps.fused_tap(x, targets[len(out)], pool)
+                out.append(term)
                 if pool:
                     x, i = pooled, i + 2
                     continue
             else:
                 x = layers[i](x)
                 if i in self.taps:
-                    terms.append(_SquaredDistance.apply(x, targets[len(terms)]))
+                    out.append(x if targets is None else _SquaredDistance.apply(x, targets[len(out)]))
             i += 1
-        return torch.stack(terms).mean()
+        return out, x
 
     def cpu_optimized(self) -> VGG16Features:
         """A copy for CPUs: channels-last weights; the 3x3 convolutions of blocks 2-4 by Winograd F(6x6, 3x3),
