@@ -126,17 +126,16 @@ class VGG16Features(nn.Module):
         With ``fused_taps`` (the CPU copy) and targets, each tap's ReLU, distance and the max-pool after it
         run as one op (:func:`nucleiseg.models.feature_taps.fused_tap`); otherwise layer by layer."""
         layers = list(self.layers)
-        stop = len(layers)
         out: list[torch.Tensor] = []
         stem = getattr(self, "binary_stem", None) if binary else None
         i = 0
         if stem is not None:
             x, i = stem(x), stem.replaces  # conv1_2 before its ReLU
-        while i < stop:
+        while i < len(layers):
             if targets is not None and i in self.taps and self.fused_taps and feature_taps.available(x):
                 # the tap's layer is its ReLU (or an Identity after a ReLU fused into the convolution:
                 # applying the ReLU once more changes nothing)
-                following = layers[i + 1] if i + 1 < stop else None
+                following = layers[i + 1] if i + 1 < len(layers) else None
                 pool = isinstance(following, nn.MaxPool2d) and _is_2x2_pool(following)
                 term, pooled = feature_taps.fused_tap(x, targets[len(out)], pool)
                 out.append(term)

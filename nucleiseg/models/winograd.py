@@ -160,28 +160,21 @@ def winograd_conv3x3(
     if input_mask is not None and input_mask.shape != x.shape:
         raise ValueError(f"input_mask must be shaped like the input {tuple(x.shape)}, got {tuple(input_mask.shape)}")
     k, tile = u.shape[2], _tile_of(u)
-    suitable = x.device.type == "cpu" and x.dtype == torch.float32 and c % 8 == 0 and k % 8 == 0
-    if compiled is None:
-        compiled = suitable and _transforms() is not None
-        if tile != _TILE and not compiled:
-            raise ValueError(
-                f"F({tile}x{tile}, 3x3) needs the compiled transforms (float32 CPU tensors, channels in multiples "
-                "of 8, a C compiler)"
-            )
-    elif compiled and not (suitable and _transforms() is not None):
+    available = x.device.type == "cpu" and x.dtype == torch.float32 and c % 8 == 0 and k % 8 == 0
+    available = available and _transforms() is not None
+    compiled = available if compiled is None else compiled
+    if compiled and not available:
+        raise ValueError("the compiled transforms need float32 CPU tensors, channels in multiples of 8, a C compiler")
+    if not compiled and tile != _TILE:
         raise ValueError(
-            "the compiled transforms need float32 CPU tensors, channels in multiples of 8 and a C compiler"
+            f"F({tile}x{tile}, 3x3) needs the compiled transforms (float32 CPU, channels in multiples of 8)"
         )
     workspace = workspace if workspace is not None else WinogradWorkspace()
     if compiled:
         return _conv_compiled(x, u, bias, relu, input_mask, max_tiles, workspace, tile)
-    if tile != _TILE:
-        raise ValueError(
-            f"the torch-op transforms implement F({_TILE}x{_TILE}, 3x3) only, u is for F({tile}x{tile}, 3x3)"
-        )
     if input_mask is not None:
         x = x.masked_fill(input_mask <= 0, 0)
-    y = _conv_torch_ops(x, u, bias, max_tiles)
+    y = _conv_torch_ops(x, u, bias, max_tiles, workspace)
     return y.relu_() if relu else y
 
 
@@ -215,12 +208,12 @@ def _conv_compiled(
     if max_tiles is None:
         max_tiles = max(MIN_CHUNK_TILES, CHUNK_BYTES // (n2 * max(c, k) * x.element_size()))
     tile_rows = max(1, max_tiles // tw)
+    mask_ptr = mask.data_ptr() if mask is not None else None
     for r0 in range(0, n * th, tile_rows):
         r1 = min(n * th, r0 + tile_rows)
         tiles = (r1 - r0) * tw
-        v = workspace.take("v", tiles, n2, c)
-        m = workspace.take("m", n2, tiles, k)
-        mask_ptr = mask.data_ptr() if mask is not None else None
+        v = workspace.take("v", x, tiles, n2, c)
+        m = workspace.take("m", x, n2, tiles, k)
         input_transform(x_nhwc.data_ptr(), mask_ptr, v.data_ptr(), h, w, c, r0, r1)
         torch.bmm(v.transpose(0, 1), u, out=m)
         output_transform(m.data_ptr(), bias.data_ptr(), int(relu), y.data_ptr(), h, w, k, r0, r1)
@@ -236,19 +229,22 @@ class WinogradWorkspace:
     def __init__(self) -> None:
         self._buffers: dict[str, torch.Tensor] = {}
 
-    def take(self, name: str, *shape: int) -> torch.Tensor:
-        """A contiguous float32 CPU tensor of ``shape``, a view of buffer ``name`` (grown when too small)."""
+    def take(self, name: str, like: torch.Tensor, *shape: int) -> torch.Tensor:
+        """A contiguous tensor of ``shape`` with the dtype and device of ``like``, a view of buffer ``name``
+        (grown when too small)."""
         numel = math.prod(shape)
         buffer = self._buffers.get(name)
-        if buffer is None or buffer.numel() < numel:
-            buffer = self._buffers[name] = torch.empty(numel)
+        if buffer is None or buffer.numel() < numel or (buffer.dtype, buffer.device) != (like.dtype, like.device):
+            buffer = self._buffers[name] = like.new_empty(numel)
         return buffer[:numel].view(shape)
 
     def __deepcopy__(self, memo: dict) -> WinogradWorkspace:
         return WinogradWorkspace()  # scratch: nothing worth copying
 
 
-def _conv_torch_ops(x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None, max_tiles: int | None) -> torch.Tensor:
+def _conv_torch_ops(
+    x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None, max_tiles: int | None, workspace: WinogradWorkspace
+) -> torch.Tensor:
     """The torch-op implementation: tiles in chunks of whole images or bands of tile rows of one image."""
     n, c, h, w = x.shape
     k = u.shape[2]
@@ -264,9 +260,6 @@ def _conv_torch_ops(x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None,
         images, tile_rows = max(1, max_tiles // (th * tw)), th
     else:  # bands of tile rows of one image
         images, tile_rows = 1, max(1, max_tiles // tw)
-    # one workspace for all chunks: fresh multi-megabyte allocations per chunk cost page faults (measured:
-    # a matrix product into a new tensor ran at half the speed of one into a reused buffer)
-    workspace = _Workspace(x, min(images, n) * min(tile_rows, th), tw, xp.shape[2], c, k)
     for i0 in range(0, n, images):
         for r0 in range(0, th, tile_rows):
             i1, r1 = min(n, i0 + images), min(th, r0 + tile_rows)
@@ -291,39 +284,23 @@ def _pad_nhwc(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
     return xp
 
 
-class _Workspace:
-    """Flat buffers sized for the largest chunk; each chunk views the front of them in its own shape."""
-
-    def __init__(self, like: torch.Tensor, tile_rows: int, tw: int, padded_width: int, c: int, k: int) -> None:
-        tiles = tile_rows * tw
-        self.rows = like.new_empty(6 * tile_rows * padded_width * c)
-        self.v = like.new_empty(36 * tiles * c)
-        self.m = like.new_empty(36 * tiles * k)
-        self.partial = like.new_empty(24 * tiles * k)
-        self.scratch = like.new_empty(6 * tiles * k)
-
-    @staticmethod
-    def take(buffer: torch.Tensor, *shape: int) -> torch.Tensor:
-        return buffer[: math.prod(shape)].view(shape)
-
-
 def _winograd_chunk(
-    src: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor, ws: _Workspace
+    src: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor, ws: WinogradWorkspace
 ) -> None:
     """Padded NHWC input rows ``src`` -> output tiles ``out`` (N, th, 4, tw, 4, K)."""
     n, th, _, tw, _, k = out.shape
     c = src.shape[-1]
-    rows = ws.take(ws.rows, 6, n, th, src.shape[2], c)
+    rows = ws.take("rows", src, 6, n, th, src.shape[2], c)
     _input_transform([src[:, a : a + _TILE * th : _TILE] for a in range(6)], rows)
-    v = ws.take(ws.v, 6, 6, n, th, tw, c)
+    v = ws.take("v", src, 6, 6, n, th, tw, c)
     _input_transform([rows[:, :, :, a : a + _TILE * tw : _TILE] for a in range(6)], v.transpose(0, 1))
-    m = ws.take(ws.m, 36, n * th * tw, k)
+    m = ws.take("m", src, 36, n * th * tw, k)
     torch.bmm(v.view(36, n * th * tw, c), u, out=m)
     if bias is not None:
         m[_BIAS_SLOT].add_(bias)
     m = m.view(6, 6, n, th, tw, k)
-    partial = ws.take(ws.partial, 4, 6, n, th, tw, k)
-    scratch = ws.take(ws.scratch, 6, n, th, tw, k)
+    partial = ws.take("partial", src, 4, 6, n, th, tw, k)
+    scratch = ws.take("scratch", src, 6, n, th, tw, k)
     _output_transform(list(m), list(partial), scratch)
     _output_transform(
         list(partial.transpose(0, 1)),
