@@ -10,9 +10,9 @@ A sample is built in this order, so that the training targets always match the a
    for ids above 65535, exact up to 2^24), so ids are moved, never blended, and no new id appears.
    Borders are filled by reflection, of the image and of the label alike, so they stay consistent;
 3. compute the 5-class target (:func:`nucleiseg.labels.targets`, contours 2 px wide) and the loss weight
-   map (:func:`nucleiseg.weightmap.weight_map`, paper eq. 2) from the augmented label. The weight is 0 on
-   pixels of ``_other`` nuclei (debris, unclassifiable), which the loss then ignores, since they are
-   nuclei that the label calls background;
+   map (:func:`nucleiseg.weightmap.weight_map`, paper eq. 2) from the augmented label, times an optional
+   per-class factor (:func:`class_weights`). The weight is 0 on pixels of ``_other`` nuclei (debris,
+   unclassifiable), which the loss then ignores, since they are nuclei that the label calls background;
 4. normalise the image with the channel statistics of the training set.
 
 Randomness: augmentations draw from the transform's own generator (albumentations ignores global seeds).
@@ -175,8 +175,12 @@ class NucleiDataset(Dataset):
         w0: float = 10.0,
         sigma: float = 5.0,
         ignore_other: bool = True,
+        class_weight: Sequence[float] | None = None,
     ) -> None:
         self.items = [_as_item(item) for item in items]
+        self.class_weight = None if class_weight is None else np.asarray(class_weight, dtype=np.float32)
+        if self.class_weight is not None and (self.class_weight.shape != (5,) or np.any(self.class_weight <= 0)):
+            raise ValueError(f"class_weight must be 5 positive numbers, got {class_weight}")
         self.transform = transform
         self.mean = np.asarray(mean if mean is not None else (0.0, 0.0, 0.0), dtype=np.float32).reshape(3, 1, 1)
         self.std = np.asarray(std if std is not None else (1.0, 1.0, 1.0), dtype=np.float32).reshape(3, 1, 1)
@@ -223,6 +227,8 @@ class NucleiDataset(Dataset):
 
         target = targets(label)
         weight = np.asarray(weight_map(label, self.w0, self.sigma), dtype=np.float32)
+        if self.class_weight is not None:
+            weight = weight * self.class_weight[target]
         if ignore is not None and self.ignore_other:
             weight = np.where(ignore, np.float32(0), weight)
         pixels = np.ascontiguousarray(image.transpose(2, 0, 1), dtype=np.float32) / np.float32(255)
@@ -232,6 +238,36 @@ class NucleiDataset(Dataset):
             torch.from_numpy(target.astype(np.int64)),
             torch.from_numpy(np.ascontiguousarray(weight)),
         )
+
+
+def target_frequencies(label_paths: Sequence[str | os.PathLike[str]]) -> np.ndarray:
+    """The share of each of the 5 target classes (:func:`nucleiseg.labels.targets`) over all pixels of the
+    given labels."""
+    from nucleiseg.labels import read_label, targets
+
+    counts = np.zeros(5, dtype=np.int64)
+    for path in label_paths:
+        counts += np.bincount(targets(read_label(path)).ravel(), minlength=5)[:5]
+    if counts.sum() == 0:
+        raise ValueError("no labelled pixels to count class frequencies on")
+    return counts / counts.sum()
+
+
+def class_weights(frequencies: Sequence[float]) -> np.ndarray:
+    """Balanced per-class loss factors: ``f_c ** -0.5``, scaled so that their mean over pixels
+    (``sum_c f_c · w_c``) is 1, which keeps the loss on the scale of the unweighted one.
+
+    The square root tempers plain inverse frequency: on CoNSeP the rarest inside class (stroma, ~2% of the
+    pixels) gets ~3x the weight of background, not ~40x, which would trade precision for recall. A class
+    absent from the training set gets the largest weight of the others."""
+    freq = np.asarray(frequencies, dtype=np.float64)
+    present = freq > 0
+    if not present.any():
+        raise ValueError("every class frequency is 0")
+    raw = np.zeros_like(freq)
+    raw[present] = freq[present] ** -0.5
+    raw[~present] = raw[present].max()
+    return (raw / float((freq * raw).sum())).astype(np.float32)
 
 
 def _as_item(item: Sequence[Any]) -> tuple[Path, Path, Path | None]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -116,18 +117,36 @@ class LossParams(_Section):
     w0: float = Field(10.0, ge=0)
     sigma: float = Field(5.0, gt=0)
     vgg_weights: str = "imagenet"  # imagenet | none | path
+    # Per-class factor on the pixel weight (background, tumor, lymphocyte, stroma inside, contour): "none"
+    # (the paper), "balanced" (from the training set's target frequencies, see nucleiseg.data.class_weights)
+    # or five numbers.
+    class_weights: Literal["none", "balanced"] | tuple[float, float, float, float, float] = "none"
+
+    @field_validator("class_weights")
+    @classmethod
+    def _positive_weights(cls, v: object) -> object:
+        if isinstance(v, tuple) and not all(math.isfinite(w) and w > 0 for w in v):
+            raise ValueError("class_weights must be five positive, finite numbers")
+        return v
 
 
 class TrainParams(_Section):
     epochs: int = Field(300, ge=1)
     steps_per_epoch: int | None = Field(None, ge=1)  # None: one pass over the patches
     batch_size: int = Field(8, ge=1)
-    lr: float = Field(1e-4, gt=0)
+    lr: float = Field(1e-4, gt=0)  # the constant rate, or the peak of a one-cycle / cosine schedule
+    # constant (the paper); onecycle: linear warm-up over `warmup` of the steps to `lr`, then cosine
+    # annealing to lr/1e4 (torch's OneCycleLR); cosine: the same warm-up, then cosine to 0.
+    schedule: Literal["constant", "onecycle", "cosine"] = "constant"
+    warmup: float = Field(0.1, ge=0, lt=1)  # fraction of all optimizer steps
     betas: tuple[float, float] = (0.9, 0.99)
     weight_decay: float = Field(1e-4, ge=0)
     beta: float = Field(0.1, ge=0)  # weight of the perceptual loss; 0 skips VGG
     val_every: int = Field(1, ge=1)
     val_metric: str = "f1"
+    # The checkpoint kept as best.pt: the best validation score ("best"), or the end of the schedule
+    # ("last"; an annealed schedule ends at its best, and a few validation tiles pick noisily).
+    select: Literal["best", "last"] = "best"
     seed: int = 0
     deterministic: bool = False
     device: Literal["auto", "cpu", "cuda"] = "auto"

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from nucleiseg.data import list_patches
+from nucleiseg.data import class_weights, list_patches, target_frequencies
 from nucleiseg.io import atomic_path, read_image, write_json_atomic
 from nucleiseg.params import Params
 
@@ -205,6 +205,46 @@ def epoch_loader(
 
 
 # ----------------------------------------------------------------------------------------------------
+# Optimisation
+
+
+def epoch_steps(n_samples: int, global_batch: int, limit: int | None) -> int:
+    """Optimizer steps in one epoch: full batches (a last partial batch is dropped when there is at least
+    one full one, as :func:`epoch_loader` does), at most ``limit``."""
+    steps = n_samples // global_batch if n_samples >= global_batch else 1
+    return steps if limit is None else min(steps, limit)
+
+
+def lr_scheduler(
+    optimizer: torch.optim.Optimizer, schedule: str, lr: float, total_steps: int, warmup: float
+) -> torch.optim.lr_scheduler.LRScheduler | None:
+    """The per-step learning-rate schedule of ``train.schedule`` (None for a constant rate).
+
+    - ``onecycle``: torch's OneCycleLR, cosine warm-up from ``lr/25`` to ``lr`` over ``warmup`` of the steps,
+      then cosine annealing to ``lr/25e4``; Adam's first moment is left alone (``cycle_momentum=False``).
+    - ``cosine``: linear warm-up from 0 over ``warmup`` of the steps, then cosine annealing to 0.
+    """
+    total_steps = max(int(total_steps), 1)
+    if schedule == "constant":
+        return None
+    if schedule == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=lr, total_steps=total_steps, pct_start=max(warmup, 1e-6), cycle_momentum=False
+        )
+    if schedule == "cosine":
+        warm = round(warmup * total_steps)
+
+        def factor(step: int) -> float:
+            if step < warm:
+                return (step + 1) / warm
+            progress = (step - warm) / max(total_steps - warm, 1)
+            return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    raise ValueError(f"train.schedule: unknown schedule {schedule!r} (constant, onecycle, cosine)")
+
+
+# ----------------------------------------------------------------------------------------------------
 # Checkpoints
 
 
@@ -354,6 +394,14 @@ def train(
         w0=params.loss.w0,
         sigma=params.loss.sigma,
     )
+    if params.loss.class_weights != "none":
+        weights = (
+            class_weights(target_frequencies([label for _, label, _ in data.train_items]))
+            if params.loss.class_weights == "balanced"
+            else np.asarray(params.loss.class_weights, dtype=np.float32)
+        )
+        dataset.class_weight = weights
+        _log(echo, "class weights (background, tumor, lymphocyte, stroma, contour): " + _fmt_list(weights))
     samples = SeededSamples(dataset, tp.seed)
 
     model = create_model(
@@ -373,6 +421,9 @@ def train(
         beta=tp.beta, vgg_weights=params.loss.vgg_weights, cpu_optimized=False if tp.deterministic else "auto"
     ).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=tp.lr, betas=tuple(tp.betas), weight_decay=tp.weight_decay)
+    steps_per_epoch = epoch_steps(len(samples), tp.batch_size * dist_info.world_size, tp.steps_per_epoch)
+    total_steps = tp.epochs * steps_per_epoch
+    scheduler = lr_scheduler(optimizer, tp.schedule, tp.lr, total_steps, tp.warmup)
     train_model: torch.nn.Module = model
     if dist_info.world_size > 1:
         from torch.nn.parallel import DistributedDataParallel
@@ -387,6 +438,8 @@ def train(
         ckpt = load_checkpoint(last_path, map_location=device)
         model.load_state_dict(ckpt["state_dict"])
         optimizer.load_state_dict(ckpt["optimizer"])
+        if scheduler is not None and "scheduler" in ckpt:
+            scheduler.load_state_dict(ckpt["scheduler"])
         start_epoch, best_score, best_epoch = ckpt["epoch"] + 1, ckpt["best_score"], ckpt["best_epoch"]
         history = list(ckpt["history"])
         set_rng_state(ckpt["rng"])
@@ -420,6 +473,8 @@ def train(
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
+                if scheduler is not None and scheduler.last_epoch < total_steps:
+                    scheduler.step()
                 sums["loss"] += float(loss.detach())
                 sums["ce"] += float(parts["ce"])
                 sums["perceptual"] += float(parts["perceptual"])
@@ -428,6 +483,7 @@ def train(
                 )
             bar.close()
             metrics = {f"train_{k}": v / max(n_steps, 1) for k, v in sums.items()}
+            metrics["lr"] = optimizer.param_groups[0]["lr"]
             metrics["epoch_seconds"] = time.perf_counter() - t_epoch
             is_val_epoch = (epoch + 1) % tp.val_every == 0 or epoch + 1 == end_epoch
             if dist_info.is_main:
@@ -440,7 +496,8 @@ def train(
                 record = {"epoch": epoch + 1, **metrics}
                 history.append(record)
                 payload = {**base, "state_dict": model.state_dict()}
-                if is_val_epoch and score > best_score:
+                keep = epoch + 1 == tp.epochs if tp.select == "last" else is_val_epoch and score > best_score
+                if keep:
                     best_score, best_epoch = score, epoch + 1
                     save_checkpoint(best_path, {**payload, "epoch": epoch, "score": score})
                 save_checkpoint(
@@ -448,6 +505,7 @@ def train(
                     {
                         **payload,
                         "optimizer": optimizer.state_dict(),
+                        **({"scheduler": scheduler.state_dict()} if scheduler is not None else {}),
                         "epoch": epoch,
                         "best_score": best_score,
                         "best_epoch": best_epoch,
@@ -510,6 +568,10 @@ class _nullcontext:
 
     def __exit__(self, *exc: object) -> None:
         return None
+
+
+def _fmt_list(values: Any) -> str:
+    return ", ".join(f"{float(v):.3g}" for v in values)
 
 
 def _fmt(metrics: dict[str, float]) -> str:
