@@ -10,19 +10,16 @@ import pandas as pd
 import pytest
 from matplotlib.path import Path as MplPath
 from scipy import ndimage
-from skimage.color import rgb2hed
-from skimage.measure import regionprops
 
 from nucleiseg.export import (
     CLASS_COLORS,
-    TABLE_COLUMNS,
-    nuclei_table,
     outlines,
     output_paths,
     overlay,
     to_geojson,
     write_outputs,
 )
+from nucleiseg.measure import TABLE_COLUMNS, nuclei_table
 
 
 def make_label(shape=(60, 80), seed=0) -> np.ndarray:
@@ -99,7 +96,7 @@ def check_qupath_geojson(geo: dict, label: np.ndarray) -> None:
         assert ring[:, 1].min() >= 0 and ring[:, 1].max() <= height
         props = feature["properties"]
         assert props["objectType"] == "detection"
-        nucleus_id = props["measurements"]["Label id"]
+        nucleus_id = props["measurements"]["id"]
         assert nucleus_id in ids
         name = ("Tumor", "Lymphocyte", "Stroma")[nucleus_id % 3]
         assert props["classification"] == {"name": name, "color": list(CLASS_COLORS[nucleus_id % 3])}
@@ -118,12 +115,17 @@ def check_qupath_geojson(geo: dict, label: np.ndarray) -> None:
 
 def test_geojson_is_qupath_compatible_and_follows_pixel_edges():
     label, image = make_label(), make_image()
-    geo = to_geojson(label, nuclei_table(label, image), image_name="tile")
-    check_qupath_geojson(json.loads(json.dumps(geo)), label)
-    measurements = geo["features"][0]["properties"]["measurements"]
-    assert {"Label id", "Area px^2", "Perimeter px", "Eccentricity", "Solidity", "Hematoxylin OD mean"} <= set(
-        measurements
-    )
+    table = nuclei_table(label, image, mpp=0.5, image_name="tile")
+    geo = to_geojson(label, table, image_name="tile")
+    check_qupath_geojson(json.loads(json.dumps(geo, allow_nan=False)), label)
+    # The measurements are the table's numeric columns, same names, same units, same values.
+    numeric = [c for c in TABLE_COLUMNS if c not in ("image", "class", "class_probability")]
+    by_id = table.set_index("id")
+    for feature in geo["features"]:
+        measurements = feature["properties"]["measurements"]
+        assert set(measurements) == set(numeric), "NaN class_probability (no probs) is left out"
+        row = by_id.loc[measurements["id"]]
+        assert all(measurements[c] == pytest.approx(row[c]) for c in numeric if c != "id")
     # Stable UUIDs: same name and id, same UUID; another image name, others.
     assert to_geojson(label, image_name="tile")["features"][0]["id"] == geo["features"][0]["id"]
     assert to_geojson(label, image_name="other")["features"][0]["id"] != geo["features"][0]["id"]
@@ -147,7 +149,7 @@ def test_geojson_of_a_real_consep_label(consep_dir):
     for feature in geo["features"]:
         ring = np.asarray(feature["geometry"]["coordinates"][0])
         assert ring[0].tolist() == ring[-1].tolist() and len(ring) >= 5
-        nucleus_id = feature["properties"]["measurements"]["Label id"]
+        nucleus_id = feature["properties"]["measurements"]["id"]
         box = boxes[nucleus_id - 1]
         assert ring[:, 0].min() >= box[1].start and ring[:, 0].max() <= box[1].stop
         assert ring[:, 1].min() >= box[0].start and ring[:, 1].max() <= box[0].stop
@@ -156,65 +158,6 @@ def test_geojson_of_a_real_consep_label(consep_dir):
         largest = pieces == 1 + int(np.argmax(np.bincount(pieces.ravel())[1:]))
         signed = 0.5 * np.sum(ring[:-1, 0] * ring[1:, 1] - ring[1:, 0] * ring[:-1, 1])
         assert signed == ndimage.binary_fill_holes(largest).sum()
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Table
-# ----------------------------------------------------------------------------------------------------------
-
-
-def test_nuclei_table_matches_direct_per_nucleus_measurements():
-    label, image = make_label(), make_image()
-    table = nuclei_table(label, image)
-    assert tuple(table.columns) == TABLE_COLUMNS
-    assert table["id"].tolist() == sorted(np.unique(label[label > 0]).tolist())
-    hed = rgb2hed(image)[..., 0]
-    for region in regionprops(label):
-        row = table.set_index("id").loc[region.label]
-        mask = label == region.label
-        ys, xs = np.nonzero(mask)
-        assert row["class"] == ("tumor", "lymphocyte", "stroma")[region.label % 3]
-        assert row["area"] == mask.sum()
-        assert row["centroid_x"] == pytest.approx(xs.mean() + 0.5)
-        assert row["centroid_y"] == pytest.approx(ys.mean() + 0.5)
-        assert row["hematoxylin_mean"] == pytest.approx(hed[mask].mean(), rel=1e-9)
-        assert row["perimeter"] == pytest.approx(region.perimeter)
-        assert row["eccentricity"] == pytest.approx(region.eccentricity)
-        assert row["solidity"] == pytest.approx(region.solidity)
-        assert row["major_axis_length"] == pytest.approx(region.axis_major_length)
-        assert row["minor_axis_length"] == pytest.approx(region.axis_minor_length)
-    empty = nuclei_table(np.zeros((4, 4), np.int32), make_image((4, 4)))
-    assert len(empty) == 0 and tuple(empty.columns) == TABLE_COLUMNS
-
-
-def test_nuclei_table_of_a_real_consep_tile_equals_regionprops(consep_dir):
-    from skimage.measure import regionprops_table
-
-    from nucleiseg.io import read_image
-    from nucleiseg.labels import read_label
-
-    label = read_label(consep_dir / "train_2_label.png")
-    table = nuclei_table(label, read_image(consep_dir / "train_2.png"))
-    props = regionprops_table(
-        label, properties=("label", "area", "solidity", "eccentricity", "axis_major_length", "axis_minor_length")
-    )
-    assert table["id"].tolist() == props["label"].tolist()
-    np.testing.assert_array_equal(table["area"], props["area"])
-    np.testing.assert_allclose(table["solidity"], props["solidity"], rtol=1e-12)
-    np.testing.assert_allclose(table["eccentricity"], props["eccentricity"], rtol=1e-6, atol=1e-9)
-    np.testing.assert_allclose(table["major_axis_length"], props["axis_major_length"], rtol=1e-6)
-    np.testing.assert_allclose(table["minor_axis_length"], props["axis_minor_length"], rtol=1e-6, atol=1e-6)
-
-
-def test_haematoxylin_is_higher_in_haematoxylin_coloured_pixels():
-    label = np.zeros((10, 20), np.int32)
-    label[2:8, 2:8] = 3
-    label[2:8, 12:18] = 6
-    image = np.full((10, 20, 3), 235, np.uint8)
-    image[2:8, 2:8] = (70, 60, 150)  # haematoxylin blue-purple
-    image[2:8, 12:18] = (240, 150, 200)  # eosin pink
-    table = nuclei_table(label, image).set_index("id")
-    assert table.loc[3, "hematoxylin_mean"] > table.loc[6, "hematoxylin_mean"]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -227,7 +170,7 @@ def test_write_outputs_writes_four_readable_files(tmp_path):
     from nucleiseg.labels import read_label
 
     label, image = make_label(), make_image()
-    paths = write_outputs(tmp_path / "out", "tile_1", image, label)
+    paths = write_outputs(tmp_path / "out", "tile_1", image, label, mpp=0.25)
     assert paths == output_paths(tmp_path / "out", "tile_1")
     assert {p.name for p in paths.values()} == {
         "tile_1_label.png",
@@ -240,7 +183,9 @@ def test_write_outputs_writes_four_readable_files(tmp_path):
     check_qupath_geojson(json.loads(paths["geojson"].read_text()), label)
     csv = pd.read_csv(paths["nuclei"])
     assert tuple(csv.columns) == TABLE_COLUMNS
-    np.testing.assert_allclose(csv["area"], nuclei_table(label, image)["area"])
+    expected = nuclei_table(label, image, mpp=0.25, image_name="tile_1")
+    assert (csv["image"] == "tile_1").all() and (csv["um_per_px"] == 0.25).all()
+    np.testing.assert_allclose(csv["area_um2"], expected["area_um2"], rtol=1e-5)
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(p.name for p in paths.values())
 
 
