@@ -415,11 +415,7 @@ def train(
     model.to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-    # The CPU fast path of the perceptual loss picks its work split at run time; deterministic runs use the
-    # direct formulation (same loss, up to float rounding) so that two runs agree bit for bit.
-    criterion = SegmentationLoss(
-        beta=tp.beta, vgg_weights=params.loss.vgg_weights, cpu_optimized=False if tp.deterministic else "auto"
-    ).to(device)
+    criterion = SegmentationLoss(beta=tp.beta, vgg_weights=params.loss.vgg_weights).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=tp.lr, betas=tuple(tp.betas), weight_decay=tp.weight_decay)
     steps_per_epoch = epoch_steps(len(samples), tp.batch_size * dist_info.world_size, tp.steps_per_epoch)
     total_steps = tp.epochs * steps_per_epoch
