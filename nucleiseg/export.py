@@ -164,23 +164,29 @@ def to_geojson(label: np.ndarray, table: Any = None, image_name: str = "") -> di
     """
     label = _check_label(label)
     rows = _measurements(table)
-    features = []
-    for nucleus_id, ring in nucleus_polygons(label).items():
-        c = nucleus_id % 3
-        measurements: dict[str, float] = {"id": nucleus_id, **rows.get(nucleus_id, {})}
-        features.append(
-            {
-                "type": "Feature",
-                "id": str(uuid.uuid5(_NAMESPACE, f"{image_name}/{nucleus_id}")),
-                "geometry": {"type": "Polygon", "coordinates": [ring.tolist()]},
-                "properties": {
-                    "objectType": "detection",
-                    "classification": {"name": QUPATH_NAMES[c], "color": list(CLASS_COLORS[c])},
-                    "measurements": measurements,
-                },
-            }
-        )
+    features = [
+        detection_feature(ring.tolist(), nucleus_id, rows.get(nucleus_id, {}), image_name)
+        for nucleus_id, ring in nucleus_polygons(label).items()
+    ]
     return {"type": "FeatureCollection", "features": features}
+
+
+def detection_feature(
+    ring: list[list[float]], nucleus_id: int, measurements: dict[str, float], image_name: str = ""
+) -> dict[str, Any]:
+    """One nucleus as a QuPath detection ``Feature`` (structure in the module docstring): its closed ``ring`` of
+    ``[x, y]`` positions, class ``nucleus_id % 3``, and ``measurements`` after its ``id``."""
+    c = nucleus_id % 3
+    return {
+        "type": "Feature",
+        "id": str(uuid.uuid5(_NAMESPACE, f"{image_name}/{nucleus_id}")),
+        "geometry": {"type": "Polygon", "coordinates": [ring]},
+        "properties": {
+            "objectType": "detection",
+            "classification": {"name": QUPATH_NAMES[c], "color": list(CLASS_COLORS[c])},
+            "measurements": {"id": nucleus_id, **measurements},
+        },
+    }
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -241,6 +247,7 @@ def write_outputs(
 __all__ = [
     "CLASS_COLORS",
     "QUPATH_NAMES",
+    "detection_feature",
     "mask_polygon",
     "nucleus_polygons",
     "outlines",

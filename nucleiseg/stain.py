@@ -321,3 +321,61 @@ def load_normalizer(path: str | os.PathLike[str]) -> StainNormalizer:
         return StainNormalizer.from_dict(data)
     except StainError as exc:
         raise StainError(f"{path}: {exc}") from None
+
+
+# --- one slide, many regions ------------------------------------------------------------------------
+
+
+_FIXED_ROWS = 512  # rows transformed at a time: bounds the float64 temporaries on large regions
+
+
+@dataclass
+class FixedSourceNormalizer:
+    """A normaliser whose *source* statistics were measured once, on a sample of a slide's tissue, and are then
+    applied unchanged to every region of that slide.
+
+    :meth:`StainNormalizer.transform` measures the source on the image it is given, which suits a tile but not a
+    slide cut into chunks: each chunk would get its own estimate, and the result would depend on where the cuts
+    fall. Here each pixel is mapped by the same function everywhere: Macenko, unmix with the sample's stain
+    vectors, scale the concentrations by ``reference.max_concentration / source.max_concentration`` and re-mix
+    with the reference's vectors; Reinhard, ``(lab - source.mean) * reference.std / source.std +
+    reference.mean`` (a flat source channel only shifted), as the tile methods do with their own estimate.
+    """
+
+    reference: StainNormalizer
+    source: StainNormalizer  # the reference's method fitted on the sample
+
+    @property
+    def method(self) -> str:
+        return self.reference.method
+
+    def transform(self, rgb: np.ndarray) -> np.ndarray:
+        rgb = _check_rgb(rgb)
+        out = np.empty_like(rgb)
+        for y0 in range(0, rgb.shape[0], _FIXED_ROWS):
+            out[y0 : y0 + _FIXED_ROWS] = self._rows(rgb[y0 : y0 + _FIXED_ROWS])
+        return out
+
+    def _rows(self, rgb: np.ndarray) -> np.ndarray:
+        ref, src = self.reference, self.source
+        if isinstance(ref, MacenkoNormalizer) and isinstance(src, MacenkoNormalizer):
+            concentrations = _concentrations(optical_density(rgb, ref.io), src.stain_matrix)
+            concentrations *= (ref.max_concentration / src.max_concentration)[:, None]
+            mixed = ref.io * np.exp(-(ref.stain_matrix @ concentrations))
+            return np.clip(np.rint(mixed), 0, 255).astype(np.uint8).T.reshape(rgb.shape)
+        if isinstance(ref, ReinhardNormalizer) and isinstance(src, ReinhardNormalizer):
+            scale = np.where(src.std > 1e-6, ref.std / np.maximum(src.std, 1e-6), 1.0)
+            return _lab_to_rgb((_rgb_to_lab(rgb).astype(np.float64) - src.mean) * scale + ref.mean)
+        return rgb.copy()
+
+
+def fixed_source(reference: StainNormalizer, sample_rgb: np.ndarray) -> FixedSourceNormalizer:
+    """Measure a slide's stain once, on ``sample_rgb`` (RGB uint8, e.g. a mosaic of tissue regions), for
+    ``reference``'s method. Raises :class:`StainError` when the sample has too little tissue to measure."""
+    if reference.method == "none":
+        return FixedSourceNormalizer(reference, reference)
+    try:
+        source = fit_normalizer(sample_rgb, reference.method, reference.min_tissue)
+    except StainError as exc:
+        raise StainError(f"cannot measure the slide's stain: {exc}") from None
+    return FixedSourceNormalizer(reference, source)
