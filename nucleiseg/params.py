@@ -226,6 +226,23 @@ class TrackingParams(_Section):
     experiment: str = "nucleiseg"
 
 
+class SpatialParams(_Section):
+    """Per-nucleus measurements and the spatial statistics of the types (nucleiseg.measure, nucleiseg.spatial)."""
+
+    mpp: float = Field(0.25, gt=0)  # micrometres per pixel of the images (a slide's own mpp is read from the file)
+    r_max_um: float = Field(50.0, gt=0)  # largest Ripley K / L radius (capped at a quarter of the window)
+    r_steps: int = Field(50, ge=1)
+    simulations: int = Field(39, ge=1)  # patterns simulated for the L-function envelopes
+    envelope_null: Literal["csr", "labels"] = "csr"  # complete spatial randomness, or random labelling
+    max_points: int = Field(20000, ge=2)  # per class for K / L: a random subsample above (K is thinning-invariant)
+    contact_radius_um: float = Field(20.0, gt=0)  # "fraction of tumour nuclei with a lymphocyte within r"
+    neighbourhood_radius_um: float = Field(20.0, gt=0)  # radius graph of the neighbourhood enrichment
+    permutations: int = Field(199, ge=2)  # label permutations of the neighbourhood enrichment
+    grid_um: float = Field(100.0, gt=0)  # Morisita-Horn grid cell side
+    density_bandwidth_um: float = Field(25.0, gt=0)  # Gaussian smoothing of the report's density maps
+    seed: int = 0
+
+
 class Params(_Section):
     data: DataParams = DataParams()
     stain: StainParams = StainParams()
@@ -243,6 +260,7 @@ class Params(_Section):
     tune: TuneParams = TuneParams()
     schedule: ScheduleParams = ScheduleParams()
     tracking: TrackingParams = TrackingParams()
+    spatial: SpatialParams = SpatialParams()
 
     @model_validator(mode="after")
     def _crop_fits_patches(self) -> Params:
