@@ -59,6 +59,60 @@ Hausdorff is also given per class, and ids are used as they are (no connected-co
 Dataset summary (:func:`summarize`): the mean over images of each per-image figure, NaN values skipped and
 counted in ``nan_skipped``; counts are summed; classification and mPQ+ are pooled over all images.
 
+HoVer-Net's CoNSeP protocol (:func:`evaluate_image_hovernet`, :func:`summarize_hovernet`)
+-----------------------------------------------------------------------------------------
+Graham et al., HoVer-Net, Medical Image Analysis 58 (2019) 101563, as its code computes it
+(github.com/vqdang/hover_net: ``compute_stats.py``, ``metrics/stats_utils.py``), so that figures published in
+that protocol can be set beside ours. It scores the same labels differently from the paper's protocol above:
+
+Ground truth
+    The nuclei of the ignore map join the ground truth as a fourth type, ``other`` (CoNSeP's "miscellaneous";
+    types ``0 tumor, 1 lymphocyte, 2 stroma, 3 other``, :data:`HOVERNET_TYPES`): for every figure below they are
+    ordinary ground-truth nuclei, and no prediction is dropped. An integer ignore map gives one nucleus per id; a
+    boolean one (no ids) one per 4-connected component. Where an ``other`` nucleus overlaps a labelled one, the
+    labelled one keeps the pixels. Ground-truth nuclei are ordered labelled ids first, then ``other`` ids; the
+    order only breaks exact ties.
+Per image (then the mean over images, as ``run_nuclei_inst_stat``)
+    ``dice`` (``get_dice_1``): the binary Dice of all nuclei against background, ``2 |T ∩ P| / (|T| + |P|)``
+    over foreground pixels.
+    ``aji`` (``get_fast_aji``): the AJI above, with each ground-truth nucleus taking the prediction of highest
+    ``|G ∩ S| / (|G ∪ S| + 1e-6)`` exactly as HoVer-Net computes it (so between two exactly equal IoUs the larger
+    union wins; then the smallest id); a prediction may serve several ground-truth nuclei.
+    ``dq``, ``sq``, ``pq`` (``get_fast_pq``, ``match_iou = 0.5``): pairs with ``IoU > 0.5`` (unique by
+    construction), ``DQ = TP / (TP + FP/2 + FN/2)``, ``SQ = sum IoU / (TP + 1e-6)``, ``PQ = DQ * SQ``. The
+    ``1e-6`` is HoVer-Net's: it lowers SQ by a relative ``1e-6 / TP`` and makes SQ (and PQ) **0, not
+    undefined, on an image without a match**, which then counts as 0 in the mean.
+Pooled over the set (as ``run_nuclei_type_stat``, ``exhaustive=True``)
+    Per image, nuclei are reduced to their centroids (mean pixel coordinates, rounded to float32 as
+    ``compute_stats.py`` reads them) and paired by ``pair_coordinates``: the Hungarian assignment
+    (``scipy.optimize.linear_sum_assignment``) of minimum total Euclidean distance over *all* ground-truth and
+    predicted centroids, of which the pairs farther than 12 px (:data:`HOVERNET_RADIUS`) are then dropped. (This
+    is not always the largest set of pairs within 12 px: the assignment may prefer a cheaper long pair.) Pairs,
+    unpaired ground truth and unpaired predictions are pooled over all images:
+    ``TP_d`` pairs, ``FP_d`` unpaired predictions, ``FN_d`` unpaired ground truth;
+    ``f1_d = 2 TP_d / (2 TP_d + FP_d + FN_d)`` (also ``precision_d``, ``recall_d``, not published by HoVer-Net);
+    ``type_accuracy`` = pairs of equal type / pairs (pairs with an ``other`` ground truth included);
+    per type ``c`` (``_f1_type``, weights ``w = (2, 2, 1, 1)``), over the pairs whose ground truth *or*
+    prediction is ``c`` only: ``TP_c`` both ``c``, ``FP_c`` predicted ``c`` but not, ``FN_c`` ``c`` but predicted
+    otherwise, and ``TN_c`` "neither is ``c``", which is therefore always 0 as the code computes it; ``FP_dc``,
+    ``FN_dc`` the unpaired predictions and ground truth of type ``c``;
+    ``F_c = 2 (TP_c + TN_c) / (2 (TP_c + TN_c) + 2 FP_c + 2 FN_c + FP_dc + FN_dc)`` = ``f1_tumor``,
+    ``f1_lymphocyte``, ``f1_stroma``, ``f1_other``. Our models predict three classes, never ``other``, so
+    ``f1_other`` is 0 wherever the ground truth has ``other`` nuclei: it is reported, not hidden.
+Edge cases (where HoVer-Net's code fails or relies on an artefact)
+    An image with no nucleus on either side (ground truth and ``other`` included) has every per-image figure
+    undefined (NaN; ``get_fast_pq`` raises ZeroDivisionError there); the mean skips it and counts it in
+    ``nan_skipped``. Without predictions (ground truth present), or without ground truth (predictions
+    present), Dice, AJI, DQ, SQ and PQ are 0 (``get_fast_aji`` raises on an empty prediction; 0 is its limit).
+    An empty side adds no centroid to the pooled figures (``compute_stats.py`` inserts a dummy centroid at
+    (0, 0) of type 0, a spurious FN_d or FP_d). A pooled figure whose denominator is 0 is NaN: ``f1_d`` with no
+    nuclei anywhere, ``type_accuracy`` without pairs, ``F_c`` for a type in neither the ground truth nor the
+    predictions (HoVer-Net reports only the types present in the ground truth).
+
+Per image, only counts are kept for the pooled figures (``type_pairs``: a 4x4 matrix of pairs, rows the
+ground-truth type, columns the predicted type; ``unpaired_true``, ``unpaired_pred``: per type), since every
+pooled figure above is a function of their sums.
+
 Implementation: every overlap comes from one ``np.bincount`` over the pixels where both labels are non-zero;
 areas by ``bincount``, boxes by ``scipy.ndimage.find_objects``, the pixels of all nuclei grouped by one sort.
 A Hausdorff distance is computed exactly on integer pixel coordinates: from the pixels of one object outside
@@ -449,9 +503,11 @@ class _Group:
     def _union(self) -> np.ndarray:
         return self.pred_area[self.pair_pred] + self.gt_area[self.pair_gt] - self.pair_inter
 
-    def aji(self) -> float:
+    def aji(self, union_epsilon: float = 0.0) -> float:
+        """AJI; ``union_epsilon`` is added to the unions when choosing partners (HoVer-Net's 1e-6)."""
         union = self._union()
-        best = _best(self.pair_gt, self.pair_pred, self.pair_inter / np.maximum(union, 1), self.n_gt)
+        iou = self.pair_inter / (union + union_epsilon) if union_epsilon else self.pair_inter / np.maximum(union, 1)
+        best = _best(self.pair_gt, self.pair_pred, iou, self.n_gt)
         chosen = best[best >= 0]
         used = np.zeros(self.n_pred, bool)
         used[self.pair_pred[chosen]] = True
@@ -617,3 +673,189 @@ def summarize(per_image: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
     out["n_ignored"] = int(sum(img["n_ignored"] for img in images))
     out["n_images"] = len(images)
     return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# HoVer-Net's CoNSeP protocol
+# ----------------------------------------------------------------------------------------------------------
+
+HOVERNET_TYPES: tuple[str, ...] = (*CLASS_NAMES, "other")
+"""Nucleus types of HoVer-Net's protocol: the three classes, then the ignore map's nuclei (never predicted here)."""
+
+HOVERNET_IMAGE_FIGURES: tuple[str, ...] = ("dice", "aji", "dq", "sq", "pq")
+"""Per-image figures of :func:`evaluate_image_hovernet`, averaged over images by :func:`summarize_hovernet`."""
+
+HOVERNET_IMAGE_COUNTS: tuple[str, ...] = ("n_pred", "n_true", "n_other", "pq_tp", "pq_fp", "pq_fn", "pq_iou_sum")
+"""Per-image counts (``n_true`` includes the ``n_other`` nuclei of the ignore map), summed over images."""
+
+HOVERNET_POOLED_FIGURES: tuple[str, ...] = (
+    "f1_d",
+    "precision_d",
+    "recall_d",
+    "type_accuracy",
+    *(f"f1_{name}" for name in HOVERNET_TYPES),
+)
+"""Figures pooled over all images from the centroid pairing (:func:`hovernet_type_figures`)."""
+
+HOVERNET_RADIUS = 12.0
+"""Largest centroid distance of a detection pair, in pixels (``compute_stats.py``)."""
+
+HOVERNET_TYPE_WEIGHTS: tuple[int, int, int, int] = (2, 2, 1, 1)
+"""Weights of ``FP_c``, ``FN_c``, ``FP_dc``, ``FN_dc`` in HoVer-Net's per-type F1."""
+
+_HOVERNET_EPSILON = 1e-6  # added by HoVer-Net to the AJI unions and to TP in SQ; kept so figures agree exactly
+
+
+def _hovernet_truth(gt: np.ndarray, other: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, int]:
+    """The ground truth with the ignore map's nuclei as ids 1..N (labelled ids first), their types, and N_other."""
+    gt_ids, truth = _compact(gt)
+    types = (gt_ids % 3).astype(np.int64)
+    if other is None:
+        return truth, types, 0
+    other = np.asarray(other)
+    if other.shape != gt.shape:
+        raise ValueError(f"ignore map and gt differ in shape: {other.shape} vs {gt.shape}")
+    # A boolean map carries no ids: one nucleus per connected component.
+    other = ndi.label(other)[0] if other.dtype == bool else _check_label(other, "ignore map")
+    other_ids, other_index = _compact(np.where(truth == 0, other, 0))  # labelled nuclei keep shared pixels
+    truth = np.where(other_index > 0, other_index + gt_ids.size, truth).astype(np.int32)
+    types = np.concatenate([types, np.full(other_ids.size, HOVERNET_TYPES.index("other"), np.int64)])
+    return truth, types, int(other_ids.size)
+
+
+def _centroids(objects: _Objects) -> np.ndarray:
+    """(N, 2) centroids (x = column, y = row) of the nuclei, float32 as HoVer-Net reads them."""
+    index = objects.index.ravel()
+    on = np.flatnonzero(index)
+    owner = index[on]
+    rows, cols = np.divmod(on, objects.index.shape[1])
+    n = objects.ids.size + 1
+    x = np.bincount(owner, weights=cols, minlength=n)[1:] / objects.area
+    y = np.bincount(owner, weights=rows, minlength=n)[1:] / objects.area
+    return np.stack([x, y], axis=1).astype(np.float32)
+
+
+def pair_centroids(
+    true_xy: np.ndarray, pred_xy: np.ndarray, radius: float = HOVERNET_RADIUS
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """HoVer-Net's ``pair_coordinates``: the minimum-total-distance assignment of all points, pairs within
+    ``radius`` kept. Returns the (K, 2) pairs (true index, pred index), the unpaired true and predicted indices.
+
+    The distance matrix is dense (``len(true_xy) x len(pred_xy)``), as HoVer-Net's: fine for tiles, not slides.
+    """
+    # Imported here: scipy.optimize is slow to import and only this protocol needs it.
+    from scipy.optimize import linear_sum_assignment
+    from scipy.spatial.distance import cdist
+
+    true_xy, pred_xy = np.asarray(true_xy).reshape(-1, 2), np.asarray(pred_xy).reshape(-1, 2)
+    if len(true_xy) == 0 or len(pred_xy) == 0:  # nothing to assign (HoVer-Net would add a dummy point)
+        return np.zeros((0, 2), np.int64), np.arange(len(true_xy)), np.arange(len(pred_xy))
+    distance = cdist(true_xy, pred_xy, metric="euclidean")
+    rows, cols = linear_sum_assignment(distance)
+    near = distance[rows, cols] <= radius
+    pairs = np.stack([rows[near], cols[near]], axis=1).astype(np.int64)
+    return pairs, np.delete(np.arange(len(true_xy)), rows[near]), np.delete(np.arange(len(pred_xy)), cols[near])
+
+
+def hovernet_type_figures(
+    type_pairs: np.ndarray, unpaired_true: np.ndarray, unpaired_pred: np.ndarray
+) -> dict[str, Any]:
+    """The pooled detection and type figures (:data:`HOVERNET_POOLED_FIGURES`) from the pairing counts.
+
+    ``type_pairs`` is the 4x4 matrix of pairs (rows ground-truth type, columns predicted type, in the order of
+    :data:`HOVERNET_TYPES`); ``unpaired_true`` and ``unpaired_pred`` count the unpaired nuclei per type. Also
+    returns the counts ``tp_d``, ``fp_d``, ``fn_d`` and the three inputs as lists.
+    """
+    n_types = len(HOVERNET_TYPES)
+    pairs = np.asarray(type_pairs, dtype=np.int64).reshape(n_types, n_types)
+    missed = np.asarray(unpaired_true, dtype=np.int64).reshape(n_types)
+    extra = np.asarray(unpaired_pred, dtype=np.int64).reshape(n_types)
+    tp_d, fp_d, fn_d = int(pairs.sum()), int(extra.sum()), int(missed.sum())
+    out: dict[str, Any] = {
+        "f1_d": _ratio(2 * tp_d, 2 * tp_d + fp_d + fn_d),
+        "precision_d": _ratio(tp_d, tp_d + fp_d),
+        "recall_d": _ratio(tp_d, tp_d + fn_d),
+        "type_accuracy": _ratio(np.trace(pairs), tp_d),
+    }
+    w = HOVERNET_TYPE_WEIGHTS
+    for c, name in enumerate(HOVERNET_TYPES):
+        # Of the pairs kept for type c (truth or prediction c), none is "neither c": TN_c is 0 (module docstring).
+        tp_c, tn_c = int(pairs[c, c]), 0
+        fp_c, fn_c = int(pairs[:, c].sum()) - tp_c, int(pairs[c, :].sum()) - tp_c
+        correct = 2 * (tp_c + tn_c)
+        out[f"f1_{name}"] = _ratio(correct, correct + w[0] * fp_c + w[1] * fn_c + w[2] * extra[c] + w[3] * missed[c])
+    out.update(tp_d=tp_d, fp_d=fp_d, fn_d=fn_d)
+    out.update(type_pairs=pairs.tolist(), unpaired_true=missed.tolist(), unpaired_pred=extra.tolist())
+    return out
+
+
+def evaluate_image_hovernet(pred: np.ndarray, gt: np.ndarray, other: np.ndarray | None = None) -> dict[str, Any]:
+    """One image in HoVer-Net's protocol (module docstring), as plain Python numbers (NaN where undefined).
+
+    ``other`` is the ignore map: its nuclei join the ground truth as type ``other``. Keys:
+    :data:`HOVERNET_IMAGE_FIGURES`, :data:`HOVERNET_IMAGE_COUNTS`, the centroid pairing's ``tp_d``, ``fp_d``,
+    ``fn_d``, and per type ``type_pairs`` (4x4, rows truth), ``unpaired_true``, ``unpaired_pred``.
+    """
+    pred, gt = _check_label(pred, "pred"), _check_label(gt, "gt")
+    if pred.shape != gt.shape:
+        raise ValueError(f"pred and gt differ in shape: {pred.shape} vs {gt.shape}")
+    truth, true_types, n_other = _hovernet_truth(gt, other)
+    ctx = _Context.of(pred, truth)
+    group = ctx.group(None)
+    n_pred, n_true = group.n_pred, group.n_gt
+
+    pred_fg, true_fg = ctx.pred.index > 0, ctx.gt.index > 0
+    dice = _ratio(2 * int(np.count_nonzero(pred_fg & true_fg)), int(pred_fg.sum()) + int(true_fg.sum()))
+    matched = group.panoptic_quality()
+    tp, fp, fn = matched["tp"], matched["fp"], matched["fn"]
+    dq = _ratio(tp, tp + 0.5 * fp + 0.5 * fn)
+    sq = math.nan if n_pred + n_true == 0 else float(matched["iou_sum"]) / (tp + _HOVERNET_EPSILON)
+
+    pred_types = (ctx.pred.ids % 3).astype(np.int64)
+    pairs, missed, extra = pair_centroids(_centroids(ctx.gt), _centroids(ctx.pred))
+    n_types = len(HOVERNET_TYPES)
+    type_pairs = np.bincount(
+        n_types * true_types[pairs[:, 0]] + pred_types[pairs[:, 1]], minlength=n_types * n_types
+    ).reshape(n_types, n_types)
+    return {
+        "dice": dice,
+        "aji": group.aji(union_epsilon=_HOVERNET_EPSILON),
+        "dq": dq,
+        "sq": sq,
+        "pq": dq * sq,
+        "n_pred": n_pred,
+        "n_true": n_true,
+        "n_other": n_other,
+        "pq_tp": tp,
+        "pq_fp": fp,
+        "pq_fn": fn,
+        "pq_iou_sum": float(matched["iou_sum"]),
+        "tp_d": int(pairs.shape[0]),
+        "fp_d": int(extra.size),
+        "fn_d": int(missed.size),
+        "type_pairs": type_pairs.tolist(),
+        "unpaired_true": np.bincount(true_types[missed], minlength=n_types).tolist(),
+        "unpaired_pred": np.bincount(pred_types[extra], minlength=n_types).tolist(),
+    }
+
+
+def summarize_hovernet(per_image: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """The set's figures in HoVer-Net's protocol from :func:`evaluate_image_hovernet` results.
+
+    ``mean``: :data:`HOVERNET_IMAGE_FIGURES` averaged over images (NaN skipped and counted in ``nan_skipped``)
+    and :data:`HOVERNET_IMAGE_COUNTS` summed; ``pooled``: :func:`hovernet_type_figures` of the summed pairing
+    counts; ``n_images``.
+    """
+    images = list(per_image.values())
+    mean: dict[str, Any] = {fig: _nanmean([float(img[fig]) for img in images]) for fig in HOVERNET_IMAGE_FIGURES}
+    for count in HOVERNET_IMAGE_COUNTS:
+        total = sum(img[count] for img in images)
+        mean[count] = float(total) if count == "pq_iou_sum" else int(total)
+    mean["nan_skipped"] = {fig: sum(math.isnan(float(img[fig])) for img in images) for fig in HOVERNET_IMAGE_FIGURES}
+    n_types = len(HOVERNET_TYPES)
+    pooled = hovernet_type_figures(
+        sum((np.asarray(img["type_pairs"]) for img in images), np.zeros((n_types, n_types), np.int64)),
+        sum((np.asarray(img["unpaired_true"]) for img in images), np.zeros(n_types, np.int64)),
+        sum((np.asarray(img["unpaired_pred"]) for img in images), np.zeros(n_types, np.int64)),
+    )
+    return {"mean": mean, "pooled": pooled, "n_images": len(images)}

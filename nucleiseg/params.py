@@ -180,6 +180,7 @@ class PostParams(_Section):
 class EvalParams(_Section):
     ignore_suffix: str = "_other"
     out: str = "reports/metrics.json"
+    protocol: Literal["paper", "hovernet", "both"] = "both"  # nucleiseg.evaluation.PROTOCOLS
 
 
 class PromoteParams(_Section):

@@ -1,11 +1,15 @@
 """The results report: one trained model's test figures in the paper's tables, beside published figures.
 
 Input is what the pipeline already wrote: the evaluation report (``nucleiseg score``: per-image figures and
-their summary, :func:`nucleiseg.metrics.summarize`), the training summary and history (``nucleiseg train``),
-the settings, and optionally the folder of test overlays. Output is Markdown: Tables 1 and 2 in the paper's
-layout (:func:`nucleiseg.ablation.table1`, :func:`~nucleiseg.ablation.table2`), the instance figures (AJI,
-PQ, DQ, SQ, mPQ+), the confusion matrix, one line per test image, the training budget, the overlays, and a
-comparison with published figures (:data:`REFERENCES`) that says where their definitions differ from ours.
+their summary, :func:`nucleiseg.metrics.summarize`, and/or the ``hovernet`` section of HoVer-Net's protocol,
+:func:`nucleiseg.metrics.summarize_hovernet`), the training summary and history (``nucleiseg train``), the
+settings, and optionally the folder of test overlays. Output is Markdown. For the paper's protocol: Tables 1 and
+2 in the paper's layout (:func:`nucleiseg.ablation.table1`, :func:`~nucleiseg.ablation.table2`), the instance
+figures (AJI, PQ, DQ, SQ, mPQ+), the confusion matrix, one line per test image. For HoVer-Net's protocol: its
+figures, the centroid pairs by type, one line per test image. Then the comparison with published figures
+(:data:`REFERENCES`): in HoVer-Net's protocol when the evaluation holds it (same definitions; a note says what
+else differs), otherwise beside our paper-protocol figures with a note on where the definitions differ. Then the
+training budget and the overlays.
 """
 
 from __future__ import annotations
@@ -18,17 +22,34 @@ from pathlib import Path
 from typing import Any
 
 from nucleiseg.ablation import table1, table2
+from nucleiseg.evaluation import hovernet_headline
 from nucleiseg.labels import CLASS_NAMES
+from nucleiseg.metrics import HOVERNET_RADIUS, HOVERNET_TYPES
+
+
+@dataclass(frozen=True)
+class Published:
+    """One method's published figures in HoVer-Net's protocol, keyed as the ``hovernet`` headline of
+    :func:`nucleiseg.evaluation.hovernet_headline` (``dice``, ``pq``, ``f1_d``, ``f1_tumor``...); a figure the
+    method did not publish is absent."""
+
+    label: str
+    source: str
+    figures: Mapping[str, float]
 
 
 @dataclass(frozen=True)
 class Reference:
-    """Published figures, as ``group.figure`` (``all.f1``, ``tumor.f1``, ``all.aji``...) -> value."""
+    """Published figures, as ``group.figure`` (``all.f1``, ``tumor.f1``, ``all.aji``...) -> value, set beside
+    our paper-protocol figures with ``caveat``; and ``same_protocol`` rows, set beside our HoVer-Net-protocol
+    figures with ``differences`` (what differs besides the definitions)."""
 
     label: str
     source: str
     figures: Mapping[str, float]
     caveat: str
+    same_protocol: tuple[Published, ...] = ()
+    differences: str = ""
 
 
 REFERENCES: dict[str, Reference] = {
@@ -51,6 +72,34 @@ REFERENCES: dict[str, Reference] = {
             "also counts misclassified detections (ours is the detection F1 on the nuclei of one class). They "
             "were measured on the 14 official CoNSeP test tiles, trained on the 27 training tiles with an "
             "ImageNet-pretrained encoder"
+        ),
+        same_protocol=(
+            Published(
+                label="HoVer-Net (Graham et al., 2019)",
+                source="Graham et al., HoVer-Net, Medical Image Analysis 58 (2019) 101563, Tables 3 and 4",
+                figures={
+                    "dice": 0.853,
+                    "aji": 0.571,
+                    "dq": 0.702,
+                    "sq": 0.778,
+                    "pq": 0.547,
+                    "f1_d": 0.748,
+                    "f1_tumor": 0.635,
+                    "f1_lymphocyte": 0.631,
+                    "f1_stroma": 0.566,
+                },
+            ),
+            Published(
+                label="CellViT++ (SAM-H, 2025)",
+                source="Hörst et al., CellViT++, arXiv:2501.05269 (2025), CoNSeP, SAM-H encoder",
+                figures={"pq": 0.548, "f1_d": 0.772, "f1_tumor": 0.683},
+            ),
+        ),
+        differences=(
+            "The published figures were measured on the 14 official CoNSeP test tiles, with models trained on the "
+            "27 training tiles for a GPU budget from pretrained encoders (HoVer-Net: ImageNet; CellViT++: SAM-H). "
+            "Ours come from the held-out tiles of our own split of the training tiles, with the training budget "
+            "and encoder weights given under Training"
         ),
     ),
 }
@@ -134,6 +183,106 @@ def comparison_table(summary: Mapping[str, Any], reference: Reference) -> str:
     return "\n".join(lines)
 
 
+_HOVERNET_COLUMNS = {
+    "dice": "Dice",
+    "aji": "AJI",
+    "dq": "DQ",
+    "sq": "SQ",
+    "pq": "PQ",
+    "f1_d": "F1d",
+    "f1_tumor": "F tumor (epithelial)",
+    "f1_lymphocyte": "F lymphocyte (inflammatory)",
+    "f1_stroma": "F stroma (spindle)",
+}
+
+
+def hovernet_comparison_table(figures: Mapping[str, Any], rows: Sequence[Published], label: str) -> str:
+    """Our HoVer-Net-protocol figures (:func:`nucleiseg.evaluation.hovernet_headline`) beside published rows;
+    a figure a method did not publish is an empty cell."""
+    lines = [
+        "| Method | " + " | ".join(_HOVERNET_COLUMNS.values()) + " |",
+        "|---" + "|---:" * len(_HOVERNET_COLUMNS) + "|",
+    ]
+    lines.append(f"| {label} | " + " | ".join(_fmt(figures.get(k)) for k in _HOVERNET_COLUMNS) + " |")
+    for row in rows:
+        cells = (f"{row.figures[k]:.3f}" if k in row.figures else "" for k in _HOVERNET_COLUMNS)
+        lines.append(f"| {row.label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def hovernet_table(section: Mapping[str, Any]) -> str:
+    """HoVer-Net's figures: per-image means and the figures pooled over all nuclei."""
+    mean, pooled = section["mean"], section["pooled"]
+    cols = [("Dice", mean["dice"]), ("AJI", mean["aji"]), ("DQ", mean["dq"]), ("SQ", mean["sq"]), ("PQ", mean["pq"])]
+    cols += [("F1d", pooled["f1_d"]), ("Precision", pooled["precision_d"]), ("Recall", pooled["recall_d"])]
+    cols += [("Type accuracy", pooled["type_accuracy"])]
+    cols += [(f"F {name}", pooled[f"f1_{name}"]) for name in HOVERNET_TYPES]
+    return "\n".join(
+        [
+            "| " + " | ".join(name for name, _ in cols) + " |",
+            "|" + "---:|" * len(cols),
+            "| " + " | ".join(_fmt(value) for _, value in cols) + " |",
+        ]
+    )
+
+
+def hovernet_pairs_table(pooled: Mapping[str, Any]) -> str:
+    """Centroid pairs by ground-truth type (rows) and predicted type (columns), and the unpaired nuclei."""
+    pairs, missed, extra = pooled["type_pairs"], pooled["unpaired_true"], pooled["unpaired_pred"]
+    # Our models never predict "other": its column is shown only if a prediction ever has that type.
+    shown = [c for c, name in enumerate(HOVERNET_TYPES) if name != "other" or sum(row[c] for row in pairs) or extra[c]]
+    lines = [
+        "| True \\ predicted | " + " | ".join(HOVERNET_TYPES[c].capitalize() for c in shown) + " | Unpaired (FN) |",
+        "|---|" + "---:|" * (len(shown) + 1),
+    ]
+    for t, name in enumerate(HOVERNET_TYPES):
+        lines.append(f"| {name.capitalize()} | " + " | ".join(str(pairs[t][c]) for c in shown) + f" | {missed[t]} |")
+    lines.append("| Unpaired (FP) | " + " | ".join(str(extra[c]) for c in shown) + " | |")
+    return "\n".join(lines)
+
+
+def hovernet_per_image_table(images: Mapping[str, Mapping[str, Any]]) -> str:
+    """One line per test image in HoVer-Net's protocol (F1d of the image alone, for orientation)."""
+    lines = [
+        "| Image | Nuclei (truth) | of which other | Nuclei (predicted) | Dice | AJI | DQ | SQ | PQ | F1d (image) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name in sorted(images):
+        h = images[name]
+        f1_d = 2 * h["tp_d"] / (2 * h["tp_d"] + h["fp_d"] + h["fn_d"]) if h["n_true"] + h["n_pred"] else None
+        lines.append(
+            f"| {name} | {h['n_true']} | {h['n_other']} | {h['n_pred']} | {_fmt(h['dice'])} | {_fmt(h['aji'])} | "
+            f"{_fmt(h['dq'])} | {_fmt(h['sq'])} | {_fmt(h['pq'])} | {_fmt(f1_d)} |"
+        )
+    return "\n".join(lines)
+
+
+def hovernet_notes(section: Mapping[str, Any], mpp: float | None = None) -> list[str]:
+    """How to read HoVer-Net's figures (computed from the section); ``mpp``: micrometres per pixel of the tiles,
+    to give the pairing radius in um too."""
+    mean, pooled = section["mean"], section["pooled"]
+    radius = f"{HOVERNET_RADIUS:g} px" + (f" ({HOVERNET_RADIUS * mpp:g} um at {mpp:g} um/px)" if mpp else "")
+    out = [
+        "Definitions as HoVer-Net's `compute_stats.py` (nucleiseg.metrics): Dice is the binary Dice of all nuclei "
+        "against background; AJI, DQ, SQ, PQ are computed per image and averaged; F1d, type accuracy and F per "
+        f"type are pooled over all nuclei, pairing centroids one-to-one (Hungarian) within {radius}; "
+        "F_c = 2 TP_c / (2 TP_c + 2 FP_c + 2 FN_c + FP_dc + FN_dc).",
+        f"The ignore map's nuclei join the ground truth as type `other` ({mean['n_other']} of {mean['n_true']} "
+        f"nuclei); {mean['n_pred']} predicted; {pooled['tp_d']} paired, {pooled['fp_d']} unpaired predictions, "
+        f"{pooled['fn_d']} unpaired ground truth.",
+    ]
+    if mean["n_other"]:
+        out.append(
+            "This model predicts three classes, never `other`: F other is 0 by construction, and pairs with an "
+            "`other` ground truth count as wrong in type accuracy (as in HoVer-Net's figures, whose model had the "
+            "class)."
+        )
+    undefined = [f"{fig} ({n})" for fig, n in mean.get("nan_skipped", {}).items() if n]
+    if undefined:
+        out.append("Images without any nucleus, skipped in the means: " + ", ".join(undefined) + ".")
+    return out
+
+
 def training_lines(train_summary: Mapping[str, Any] | None, settings: Mapping[str, Any]) -> list[str]:
     """The budget and the settings that decide it, from the training summary and the flat settings."""
     s = settings
@@ -160,24 +309,31 @@ def training_lines(train_summary: Mapping[str, Any] | None, settings: Mapping[st
     return lines
 
 
-def notes(summary: Mapping[str, Any], train_summary: Mapping[str, Any] | None) -> list[str]:
-    """What a reader needs to read the figures (computed, not written by hand)."""
-    out = [
-        "Figures are means over the test images, except classification and mPQ+, pooled over all detected "
-        "nuclei. Hausdorff distances are in pixels (lower is better). `n/a`: undefined on this split.",
-    ]
-    skipped = {g: summary[g].get("nan_skipped", {}) for g in ("all", *CLASS_NAMES)}
-    undefined = [f"{g} {fig} ({n})" for g, figs in skipped.items() for fig, n in figs.items() if n and fig != "sq"]
-    if undefined:
-        out.append("Undefined per-image figures skipped in the means (image count): " + ", ".join(undefined[:12]) + ".")
+def notes(summary: Mapping[str, Any] | None, train_summary: Mapping[str, Any] | None) -> list[str]:
+    """What a reader needs to read the figures (computed, not written by hand); ``summary``: the paper's
+    protocol, None when the report does not show it."""
+    out = []
+    if summary is not None:
+        out.append(
+            "Paper's protocol: figures are means over the test images, except classification and mPQ+, pooled over "
+            "all detected nuclei. Hausdorff distances are in pixels (lower is better). `n/a`: undefined on this split."
+        )
+        skipped = {g: summary[g].get("nan_skipped", {}) for g in ("all", *CLASS_NAMES)}
+        undefined = [f"{g} {fig} ({n})" for g, figs in skipped.items() for fig, n in figs.items() if n and fig != "sq"]
+        if undefined:
+            out.append(
+                "Undefined per-image figures skipped in the means (image count): " + ", ".join(undefined[:12]) + "."
+            )
     if train_summary is not None and not train_summary.get("encoder_pretrained", True):
         out.append(
             "The encoder was asked for ImageNet weights but could not load them (no network and none in the "
             "local caches), so it trained from random weights; the paper's encoder was ImageNet-pretrained."
         )
-    if summary.get("n_ignored"):
+    if summary is not None and summary.get("n_ignored"):
         n = summary["n_ignored"]
-        out.append(f"{n} predicted nuclei lay at least half on ignored (`other`) nuclei and were dropped.")
+        out.append(
+            f"Paper's protocol: {n} predicted nuclei lay at least half on ignored (`other`) nuclei and were dropped."
+        )
     return out
 
 
@@ -205,61 +361,101 @@ def render(
     dataset: str | None = None,
     compare: Sequence[str] = (),
     overlay_dir: str | os.PathLike[str] | None = None,
+    protocol: str = "both",
 ) -> str:
-    """The Markdown report (module docstring). ``compare`` names entries of :data:`REFERENCES`."""
+    """The Markdown report (module docstring). ``compare`` names entries of :data:`REFERENCES`; ``protocol``
+    (``paper``, ``hovernet``, ``both``) which figures to show, of those the evaluation holds."""
     unknown = [name for name in compare if name not in REFERENCES]
     if unknown:
         raise ValueError(f"unknown reference(s) {', '.join(unknown)}; known: {', '.join(REFERENCES)}")
-    summary = evaluation["summary"]
-    images = evaluation.get("images", {})
-    row = {"key": "full", "label": f"{settings.get('model.name')} (this model)", "test": summary}
+    if protocol not in ("paper", "hovernet", "both"):
+        raise ValueError(f"unknown evaluation protocol {protocol!r} (known: paper, hovernet, both)")
+    summary = evaluation.get("summary") if protocol in ("paper", "both") else None
+    hovernet = evaluation.get("hovernet") if protocol in ("hovernet", "both") else None
+    if summary is None and hovernet is None:
+        raise ValueError(f"the evaluation holds no figures of protocol {protocol!r} (it has: "
+                         f"{evaluation.get('protocol', 'paper')}); score it again with that eval.protocol")  # fmt: skip
+    missing = [
+        f"The evaluation holds no {name} figures (scored with protocol `{evaluation.get('protocol', 'paper')}`); "
+        f"`nucleiseg score --protocol {key}` adds them."
+        for key, name, wanted, held in (
+            ("paper", "paper-protocol", protocol in ("paper", "both"), summary is not None),
+            ("hovernet", "HoVer-Net-protocol", protocol in ("hovernet", "both"), hovernet is not None),
+        )
+        if wanted and not held
+    ]
+    images = evaluation.get("images") if summary is not None else None
+    names = sorted(images if images is not None else hovernet["images"])
     split = evaluation.get("split", "test")
     lines = [
         f"# {title}",
         "",
         f"Model `{evaluation.get('model', '?')}` scored on the {split} split"
         + (f" of `{dataset}`" if dataset else "")
-        + f": {len(images)} image(s) ({', '.join(sorted(images))}).",
-        "",
-        "## Table 1: segmentation",
-        "",
-        table1([row]),
-        "",
-        "## Table 2: classification accuracy of the detected nuclei",
-        "",
-        table2([row]),
-        "",
-        "## Instance figures: AJI, PQ, mPQ+",
-        "",
-        instance_table(summary),
+        + f": {len(names)} image(s) ({', '.join(names)}).",
         "",
     ]
-    for name in compare:
-        reference = REFERENCES[name]
+    if summary is not None:
+        row = {"key": "full", "label": f"{settings.get('model.name')} (this model)", "test": summary}
         lines += [
-            f"## Beside {reference.label}",
+            "## Table 1: segmentation",
             "",
-            comparison_table(summary, reference),
+            table1([row]),
             "",
-            f"Source: {reference.source}. {reference.caveat}.",
+            "## Table 2: classification accuracy of the detected nuclei",
+            "",
+            table2([row]),
+            "",
+            "## Instance figures: AJI, PQ, mPQ+",
+            "",
+            instance_table(summary),
             "",
         ]
-    lines += [
-        "## Confusion matrix (detected nuclei)",
-        "",
-        confusion_table(summary),
-        "",
-        "## Per image",
-        "",
-        per_image_table(images),
-        "",
-        "## Training",
-        "",
-        *training_lines(train_summary, settings),
-        "",
-    ]
+    if hovernet is not None:
+        lines += [
+            "## HoVer-Net's protocol",
+            "",
+            hovernet_table(hovernet),
+            "",
+            *(f"- {line}" for line in hovernet_notes(hovernet, settings.get("model.mpp"))),
+            "",
+        ]
+    for name in compare:
+        reference = REFERENCES[name]
+        lines += [f"## Beside {reference.label}", ""]
+        if hovernet is not None and reference.same_protocol:
+            ours = hovernet_headline({"hovernet": hovernet})
+            sources = "; ".join(row.source for row in reference.same_protocol)
+            lines += [
+                hovernet_comparison_table(ours, reference.same_protocol, f"{settings.get('model.name')} (this model)"),
+                "",
+                f"All rows in HoVer-Net's protocol (same definitions; an empty cell: not published). Sources: "
+                f"{sources}. {reference.differences}.",
+                "",
+            ]
+        elif summary is not None:
+            lines += [
+                comparison_table(summary, reference),
+                "",
+                f"Source: {reference.source}. {reference.caveat}.",
+                "",
+            ]
+    if summary is not None:
+        lines += ["## Confusion matrix (detected nuclei)", "", confusion_table(summary), ""]
+    if hovernet is not None:
+        lines += [
+            "## Centroid pairs by type (HoVer-Net's protocol, 12 px)",
+            "",
+            hovernet_pairs_table(hovernet["pooled"]),
+            "",
+        ]
+    if summary is not None:
+        lines += ["## Per image", "", per_image_table(images or {}), ""]
+    if hovernet is not None:
+        lines += ["## Per image, HoVer-Net's protocol", "", hovernet_per_image_table(hovernet["images"]), ""]
+    lines += ["## Training", "", *training_lines(train_summary, settings), ""]
     overlays = overlay_lines(Path(overlay_dir) if overlay_dir is not None else None, Path(report_path))
     if overlays:
         lines += ["## Overlays", "", *overlays, ""]
-    lines += ["## Notes", "", *(f"- {line}" for line in notes(summary, train_summary)), ""]
+    lines += ["## Notes", "", *(f"- {line}" for line in [*notes(summary, train_summary), *missing]), ""]
     return "\n".join(lines)

@@ -520,6 +520,50 @@ def test_score_command_takes_tiling_from_params_not_the_checkpoint(tmp_path):
     assert report["summary"]["all"]["fp"] == expected["all"]["fp"]
 
 
+def test_score_command_writes_the_figures_of_eval_protocol(tmp_path):
+    """eval.protocol (default both) decides the sections of the report and of the headline; --protocol overrides."""
+    from typer.testing import CliRunner
+
+    from nucleiseg.cli import app
+    from nucleiseg.io import write_image
+    from nucleiseg.labels import write_label
+    from nucleiseg.metrics import HOVERNET_IMAGE_FIGURES, HOVERNET_POOLED_FIGURES, HOVERNET_TYPES
+
+    ckpt = write_checkpoint(tmp_path / "model.pt", tiny_model(seed=3))
+    data = tmp_path / "data"
+    label, other = np.zeros((96, 80), np.uint16), np.zeros((96, 80), np.uint16)
+    label[10:20, 10:22], label[40:52, 30:40], other[70:80, 50:60] = 3, 4, 1
+    write_image(data / "tile_a.png", rgb(96, 80, seed=5))
+    write_label(data / "tile_a_label.png", label)
+    write_label(data / "tile_a_other.png", other)
+    splits = tmp_path / "splits.json"
+    splits.write_text('{"train": [], "val": [], "test": ["tile_a"]}')
+    (tmp_path / "params.yaml").write_text("{}\n")
+    out = tmp_path / "reports" / "metrics.json"
+    args = ["score", str(ckpt), "--params", str(tmp_path / "params.yaml"), "--splits", str(splits),
+            "--data-dir", str(data), "--out", str(out), "--set", "train.device=cpu"]  # fmt: skip
+
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    report, summary = json.loads(out.read_text()), json.loads((out.parent / "metrics_summary.json").read_text())
+    assert report["protocol"] == "both" and {"images", "summary", "hovernet"} <= set(report)
+    assert report["hovernet"]["images"]["tile_a"]["n_other"] == 1 and report["hovernet"]["mean"]["n_true"] == 3
+    assert {"all", "classification", "mpq_plus", "n_images"} <= set(summary)  # the paper's keys are kept
+    assert set(summary["hovernet"]) == {*HOVERNET_IMAGE_FIGURES, *HOVERNET_POOLED_FIGURES}
+    assert summary["hovernet"]["f1_d"] == report["hovernet"]["pooled"]["f1_d"]
+
+    result = CliRunner().invoke(app, [*args, "--protocol", "hovernet"])
+    assert result.exit_code == 0, result.output
+    report, summary = json.loads(out.read_text()), json.loads((out.parent / "metrics_summary.json").read_text())
+    assert set(report) >= {"protocol", "hovernet"} and "summary" not in report and "all" not in summary
+    assert set(summary) == {"hovernet", "n_images"}
+    rows = json.loads((out.parent / "confusion.json").read_text())  # the centroid pairs, by HoVer-Net type
+    assert len(rows) == report["hovernet"]["pooled"]["tp_d"]
+    assert all(row["actual"] in HOVERNET_TYPES for row in rows)
+    result = CliRunner().invoke(app, [*args, "--set", "eval.protocol=kumar"])
+    assert result.exit_code == 2 and "protocol" in result.output
+
+
 def test_predict_command_reports_a_bad_model(tmp_path):
     from typer.testing import CliRunner
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -11,6 +12,28 @@ import typer
 from nucleiseg.cli.app import ParamsOption, SetOption, app, fail, read_params
 
 LABEL_SUFFIX = "_label.png"
+
+
+class Protocol(StrEnum):
+    """The evaluation protocols of nucleiseg.evaluation.PROTOCOLS."""
+
+    paper = "paper"
+    hovernet = "hovernet"
+    both = "both"
+
+
+PROTOCOL_HELP = (
+    "paper: the paper's figures (ignore-map nuclei ignored); hovernet: HoVer-Net's CoNSeP protocol (ignore-map "
+    "nuclei a 4th ground-truth type, 'other'); both. Definitions: nucleiseg.metrics."
+)
+ProtocolOverride = Annotated[
+    Protocol | None, typer.Option("--protocol", help=PROTOCOL_HELP + " Default: eval.protocol.", show_default=False)
+]
+
+
+def _with_protocol(set_: list[str] | None, protocol: Protocol | None) -> list[str]:
+    """``--set`` overrides plus ``eval.protocol`` from ``--protocol``, so the settings record what was used."""
+    return [*(set_ or []), *([f"eval.protocol={protocol.value}"] if protocol is not None else [])]
 
 
 def _label_files(folder: Path) -> dict[str, Path]:
@@ -35,6 +58,26 @@ def _fmt(value: float) -> str:
     return "n/a" if math.isnan(value) else f"{value:.4f}"
 
 
+def _figures_line(report: dict[str, Any]) -> str:
+    """The headline figures of each protocol a report holds, for the terminal."""
+    parts = []
+    if "summary" in report:
+        s = report["summary"]
+        a = s["all"]
+        parts.append(
+            f"F1 {_fmt(a['f1'])}, Dice {_fmt(a['dice'])}, Hausdorff {_fmt(a['hausdorff'])}, AJI {_fmt(a['aji'])}, "
+            f"PQ {_fmt(a['pq'])}, accuracy {_fmt(s['classification']['accuracy'])}, mPQ+ {_fmt(s['mpq_plus'])}"
+        )
+    if "hovernet" in report:
+        m, p = report["hovernet"]["mean"], report["hovernet"]["pooled"]
+        parts.append(
+            f"HoVer-Net protocol: Dice {_fmt(m['dice'])}, AJI {_fmt(m['aji'])}, PQ {_fmt(m['pq'])}, "
+            f"F1d {_fmt(p['f1_d'])}, type accuracy {_fmt(p['type_accuracy'])}, F tumor {_fmt(p['f1_tumor'])}, "
+            f"F lymphocyte {_fmt(p['f1_lymphocyte'])}, F stroma {_fmt(p['f1_stroma'])}, F other {_fmt(p['f1_other'])}"
+        )
+    return "; ".join(parts)
+
+
 @app.command("evaluate")
 def evaluate(
     pred_dir: Annotated[Path, typer.Argument(help="Folder of predicted labels, <name>_label.png.")],
@@ -47,10 +90,12 @@ def evaluate(
             help="Ignore maps are <name><suffix>.png in GT_DIR, optional per image; '' for none.",
         ),
     ] = "_other",
+    protocol: Annotated[Protocol, typer.Option("--protocol", help=PROTOCOL_HELP)] = Protocol.both,
 ) -> None:
     """Score predictions against ground truth: detection F1, object Dice and Hausdorff, AJI, PQ, mPQ+ and
-    classification accuracy, per image and over the set (definitions: nucleiseg.metrics)."""
-    from nucleiseg import metrics
+    classification accuracy, per image and over the set (the paper's protocol: `images`, `summary`), and/or
+    HoVer-Net's Dice, AJI, DQ, SQ, PQ per image and F1d, type accuracy, F per type pooled (section `hovernet`)."""
+    from nucleiseg.evaluation import assemble_report, score_image
     from nucleiseg.io import write_json_atomic
     from nucleiseg.labels import read_label
 
@@ -62,7 +107,7 @@ def evaluate(
     if not gts:
         fail(f"no *{LABEL_SUFFIX} files in {pred_dir} or {gt_dir}")
 
-    per_image: dict[str, Any] = {}
+    scores: dict[str, Any] = {}
     failed: dict[str, str] = {}
     for name in sorted(gts):
         try:
@@ -75,23 +120,16 @@ def evaluate(
                 ignore = read_label(ignore_path)
                 if ignore.shape != gt.shape:
                     raise ValueError(f"{ignore_path}: shape {ignore.shape} differs from {gts[name]}, {gt.shape}")
-            per_image[name] = metrics.evaluate_image(pred, gt, ignore)
+            scores[name] = score_image(pred, gt, ignore, protocol.value)
         except ValueError as exc:  # LabelError included; one bad image must not stop the others
             failed[name] = str(exc)
             typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
 
-    summary = metrics.summarize(per_image)
-    report: dict[str, Any] = {"images": per_image, "summary": summary}
+    report = assemble_report(scores, protocol.value)
     if failed:
         report["failed"] = failed
     write_json_atomic(out, _json_ready(report))
-
-    a = summary["all"]
-    typer.echo(
-        f"{summary['n_images']} images: F1 {_fmt(a['f1'])}, Dice {_fmt(a['dice'])}, "
-        f"Hausdorff {_fmt(a['hausdorff'])}, AJI {_fmt(a['aji'])}, PQ {_fmt(a['pq'])}, "
-        f"accuracy {_fmt(summary['classification']['accuracy'])}, mPQ+ {_fmt(summary['mpq_plus'])} -> {out}"
-    )
+    typer.echo(f"{len(scores)} images: {_figures_line(report)} -> {out}")
     if failed:
         fail(f"{len(failed)} of {len(gts)} images not evaluated: {', '.join(sorted(failed))} (see above)")
 
@@ -109,14 +147,16 @@ def score(
     out: Annotated[Path | None, typer.Option(help="Metrics JSON (default: eval.out).")] = None,
     predictions: Annotated[Path | None, typer.Option(help="Also write the per-image outputs here.")] = None,
     overlays: Annotated[Path | None, typer.Option(help="Also write overlay images (<name>.png) here.")] = None,
+    protocol: ProtocolOverride = None,
 ) -> None:
     """Predict a split's original images with MODEL and score them (the pipeline's evaluate stage).
 
     Writes the metrics JSON (as `nucleiseg evaluate`) and, beside it, <stem>_summary.json with the headline
     figures (DVC metrics) and confusion.json with one row per matched nucleus (actual, predicted) for DVC's
     confusion plot. Tiling and post-processing come from the params sections infer and post (as for `nucleiseg
-    predict`), not from the settings saved with the model, so `--set infer.tile=1024` scores a model that way."""
-    settings = read_params(params, set_)
+    predict`), not from the settings saved with the model, so `--set infer.tile=1024` scores a model that way.
+    The protocol (eval.protocol, or --protocol) decides which figures: the paper's, HoVer-Net's, or both."""
+    settings = read_params(params, _with_protocol(set_, protocol))
     from nucleiseg import tracking
     from nucleiseg.evaluation import confusion_rows, evaluate_model, headline, split_items
     from nucleiseg.infer import InferSettings, ModelLoadError, PostSettings, load_predictor, settings_from
@@ -139,7 +179,12 @@ def score(
     predictor.infer = settings_from(InferSettings, settings.infer.model_dump())
     predictor.post = settings_from(PostSettings, settings.post.model_dump())
     report = evaluate_model(
-        predictor, items, out_dir=predictions, overlay_dir=overlays, on_image=lambda n: typer.echo(f"scored {n}")
+        predictor,
+        items,
+        out_dir=predictions,
+        overlay_dir=overlays,
+        on_image=lambda n: typer.echo(f"scored {n}"),
+        protocol=settings.eval.protocol,
     )
     report["model"] = model
     report["split"] = split
@@ -147,12 +192,7 @@ def score(
     write_json_atomic(out, _json_ready(report))
     write_json_atomic(out.with_name(f"{out.stem}_summary.json"), _json_ready(headline(report)))
     write_json_atomic(out.with_name("confusion.json"), confusion_rows(report))
-    s = report["summary"]
-    typer.echo(
-        f"{split}: {len(items)} image(s); F1 {_fmt(s['all']['f1'])}, Dice {_fmt(s['all']['dice'])}, "
-        f"Hausdorff {_fmt(s['all']['hausdorff'])}, AJI {_fmt(s['all']['aji'])}, PQ {_fmt(s['all']['pq'])}, "
-        f"accuracy {_fmt(s['classification']['accuracy'])}; written to {out}"
-    )
+    typer.echo(f"{split}: {len(items)} image(s); {_figures_line(report)}; written to {out}")
 
 
 @app.command("report")
@@ -169,14 +209,17 @@ def report_command(
     compare: Annotated[
         list[str] | None, typer.Option("--compare", help="Published figures to compare with: hovernet-consep.")
     ] = None,
+    protocol: ProtocolOverride = None,
 ) -> None:
-    """Write the results report: Tables 1 and 2, AJI / PQ / mPQ+, confusion matrix, per image, training, overlays."""
+    """Write the results report: Tables 1 and 2, AJI / PQ / mPQ+, confusion matrix, per image (the paper's
+    protocol), HoVer-Net's figures (its protocol), published figures beside them, training, overlays. Which
+    protocols: eval.protocol, or --protocol (a protocol the metrics file lacks is named in the report)."""
     import json
 
     from nucleiseg.io import write_text_atomic
     from nucleiseg.report import render
 
-    settings = read_params(params, set_)
+    settings = read_params(params, _with_protocol(set_, protocol))
     metrics = metrics or Path(settings.eval.out)
     train_summary = train_summary or Path(settings.train.out_dir) / "train_summary.json"
     try:
@@ -191,6 +234,7 @@ def report_command(
             dataset=settings.data.dir,
             compare=compare or [],
             overlay_dir=overlays,
+            protocol=settings.eval.protocol,
         )
     except (OSError, ValueError, KeyError) as exc:
         fail(f"{metrics}: cannot report it ({exc})")
