@@ -245,6 +245,41 @@ def nuclei_table(
     return table
 
 
+def nuclei_centroids(
+    label: np.ndarray, *, mpp: float, image_name: str = "", offset: tuple[float, float] = (0.0, 0.0)
+) -> pd.DataFrame:
+    """The position columns of :func:`nuclei_table` only (``image``, ``id``, ``class``, centroids in px and um,
+    ``area_um2``, ``um_per_px``), from per-id pixel sums: what the spatial statistics need when there is a label
+    but no H&E image."""
+    import pandas as pd
+
+    from nucleiseg.export import _check_label
+
+    if not (isinstance(mpp, int | float) and math.isfinite(mpp) and mpp > 0):
+        raise ValueError(f"mpp must be a positive number of micrometres per pixel, got {mpp!r}")
+    label = _check_label(label)
+    rows, cols = np.nonzero(label)
+    ids_of_pixels = label[rows, cols]
+    n = np.bincount(ids_of_pixels, minlength=1)
+    ids = np.flatnonzero(n)
+    ids = ids[ids > 0]
+    x_px = np.bincount(ids_of_pixels, weights=cols, minlength=1)[ids] / n[ids] + 0.5 + float(offset[1])
+    y_px = np.bincount(ids_of_pixels, weights=rows, minlength=1)[ids] / n[ids] + 0.5 + float(offset[0])
+    return pd.DataFrame(
+        {
+            "image": [image_name] * len(ids),
+            "id": ids.astype(np.int64),
+            "class": [CLASS_NAMES[i % 3] for i in ids],
+            "centroid_x_px": x_px,
+            "centroid_y_px": y_px,
+            "centroid_x_um": x_px * mpp,
+            "centroid_y_um": y_px * mpp,
+            "area_um2": n[ids] * float(mpp) ** 2,
+            "um_per_px": np.full(len(ids), float(mpp)),
+        }
+    )
+
+
 def write_table(table: pd.DataFrame, path: Any) -> None:
     """Write a nuclei table atomically: Parquet when ``path`` ends in ``.parquet``, else CSV (6 significant
     digits)."""
@@ -284,6 +319,7 @@ __all__ = [
     "DEFAULT_MPP",
     "RUIFROK_HE",
     "TABLE_COLUMNS",
+    "nuclei_centroids",
     "nuclei_table",
     "read_table",
     "stain_densities",

@@ -13,6 +13,7 @@ from test_export import make_image, make_label
 from nucleiseg.measure import (
     RUIFROK_HE,
     TABLE_COLUMNS,
+    nuclei_centroids,
     nuclei_table,
     read_table,
     stain_matrix_of,
@@ -182,3 +183,14 @@ def test_a_real_consep_tile_in_micrometres(consep_dir):
     # Haematoxylin dominates nuclei: every class's median H density exceeds its median E density.
     medians = table.groupby("class")[["hematoxylin_od_mean", "eosin_od_mean"]].median()
     assert (medians["hematoxylin_od_mean"] > medians["eosin_od_mean"]).all()
+
+
+def test_centroids_alone_equal_the_full_tables():
+    label, image = make_label(), make_image()
+    full = nuclei_table(label, image, mpp=0.4, image_name="a", offset=(3, 5))
+    light = nuclei_centroids(label, mpp=0.4, image_name="a", offset=(3, 5))
+    for column in light.columns:
+        if column in ("image", "class"):
+            assert light[column].tolist() == full[column].tolist()
+        else:
+            np.testing.assert_allclose(light[column], full[column], rtol=1e-12)
