@@ -1,6 +1,7 @@
 """Regenerate ``docs/synthetic_example.png``: a synthetic tile beside its class-coloured outlines.
 
-Outlines: red tumor, green lymphocyte, blue stroma (the colours of the CoNSeP overlays).
+Outlines in the class colours of :mod:`nucleiseg.palette` (Okabe-Ito: orange tumor, sky-blue lymphocyte,
+bluish-green stroma), as every overlay of the project draws them.
 
     .venv/bin/python docs/make_synthetic_example.py [--seed 0] [--size 384]
 """
@@ -14,9 +15,10 @@ import numpy as np
 from skimage.segmentation import find_boundaries
 
 from nucleiseg.io import write_image
+from nucleiseg.palette import CLASS_COLORS
 from nucleiseg.synth import synth_tile
 
-OUTLINE_COLOURS = np.array([[255, 0, 0], [0, 200, 0], [0, 0, 255]], np.uint8)  # tumor, lymphocyte, stroma
+OUTLINE_COLOURS = np.array(CLASS_COLORS, np.uint8)  # tumor, lymphocyte, stroma
 
 
 def outlined(image: np.ndarray, label: np.ndarray) -> np.ndarray:

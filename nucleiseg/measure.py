@@ -119,6 +119,8 @@ def stain_matrix_of(stain: Any) -> np.ndarray | None:
     so that :func:`nuclei_table` falls back to :data:`RUIFROK_HE`."""
     if stain is None:
         return None
+    if hasattr(stain, "reference"):  # a slide's fixed-source normaliser: the model's vectors are its reference's
+        return stain_matrix_of(stain.reference)
     if isinstance(stain, Mapping):
         matrix = stain.get("stain_matrix") if stain.get("method") == "macenko" else None
     else:

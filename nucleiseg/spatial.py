@@ -130,7 +130,7 @@ class Window:
 
     @classmethod
     def rectangle(cls, width: float, height: float, description: str = "") -> Window:
-        return cls(float(width), float(height), description=description or f"{width:.0f} x {height:.0f} um")
+        return cls(float(width), float(height), description=description or f"{width:.0f} x {height:.0f} µm")
 
     @classmethod
     def bounding_box(cls, xy: np.ndarray) -> Window:
@@ -142,7 +142,7 @@ class Window:
             float(size[1]),
             float(low[0]),
             float(low[1]),
-            description=f"bounding box of the nuclei, {size[0]:.0f} x {size[1]:.0f} um",
+            description=f"bounding box of the nuclei, {size[0]:.0f} x {size[1]:.0f} µm",
         )
 
     @property
@@ -506,7 +506,7 @@ class Enrichment:
             }
 
         return {
-            "graph": f"radius {self.radius_um:g} um",
+            "graph": f"radius {self.radius_um:g} µm",
             "edges": self.edges,
             "permutations": self.permutations,
             "z": matrix(self.z),

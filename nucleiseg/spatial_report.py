@@ -3,11 +3,11 @@
 :func:`write_spatial_report` takes a per-nucleus table (:mod:`nucleiseg.measure`), computes the statistics of
 :mod:`nucleiseg.spatial` and writes into ``out_dir``:
 
-``spatial.json``
+``spatial.json`` (``<name>_spatial.json`` with a ``name``)
     Every figure (strict JSON, NaN written as null): the window and its area, per-class counts, fractions and
     densities per mm^2, nearest-neighbour summaries and contact fractions, the L functions with their envelopes
     and global tests, the neighbourhood-enrichment matrix, the Morisita-Horn matrix, the settings and the mpp.
-``spatial_report.html``
+``spatial_report.html`` (``<name>_spatial.html``)
     Renders offline: no script, no stylesheet or font from a network; every plot is a PNG embedded as a
     ``data:`` URI (matplotlib, Agg). In order: the figures table, the image with its nuclei coloured by class,
     a density map per class, the nearest-neighbour histograms, the L-function curves with their envelopes and
@@ -75,10 +75,10 @@ def make_window(
         height, width = image_shape[0] * mpp, image_shape[1] * mpp
         mask = np.asarray(tissue_mask).astype(bool)
         area_mm2 = np.count_nonzero(mask) / mask.size * width * height * 1e-6
-        return Window(width, height, mask=mask, description=f"tissue mask, {area_mm2:.3f} mm^2 of tissue")
+        return Window(width, height, mask=mask, description=f"tissue mask, {area_mm2:.3f} mm² of tissue")
     if image_shape is not None:
         height, width = image_shape[0] * mpp, image_shape[1] * mpp
-        return Window.rectangle(width, height, f"the whole image, {width:.0f} x {height:.0f} um")
+        return Window.rectangle(width, height, f"the whole image, {width:.0f} x {height:.0f} µm")
     if len(xy) < 2:
         raise ValueError("at least two nuclei, or the image shape, are needed to define the window")
     return Window.bounding_box(xy)
@@ -450,6 +450,15 @@ def _strict_json(value: Any) -> Any:
     return value
 
 
+def report_paths(out_dir: str | os.PathLike[str], name: str | None = None) -> dict[str, Path]:
+    """Where :func:`write_spatial_report` writes: ``spatial.json`` and ``spatial_report.html``, or
+    ``<name>_spatial.json`` and ``<name>_spatial.html`` beside the other outputs of image ``name``."""
+    out = Path(out_dir)
+    if name is None:
+        return {"json": out / JSON_NAME, "html": out / HTML_NAME}
+    return {"json": out / f"{name}_spatial.json", "html": out / f"{name}_spatial.html"}
+
+
 def write_spatial_report(
     table: pd.DataFrame,
     out_dir: str | os.PathLike[str],
@@ -461,6 +470,7 @@ def write_spatial_report(
     label: np.ndarray | None = None,
     settings: SpatialSettings | None = None,
     title: str | None = None,
+    name: str | None = None,
 ) -> dict[str, Path]:
     """Compute the spatial statistics of a nuclei table and write ``spatial.json`` and ``spatial_report.html``
     into ``out_dir`` (atomically); returns their paths (``json``, ``html``).
@@ -468,7 +478,8 @@ def write_spatial_report(
     ``mpp``: um per pixel of the table's pixel columns. ``image_shape``: (height, width) px of the full image
     or slide. ``tissue_mask``: boolean raster covering that image (any resolution). ``thumbnail``: an RGB image
     of the whole image (any resolution) drawn under the nuclei. ``label``: the label image (tiles), to colour
-    whole nuclei instead of dots. ``title``: defaults to the table's ``image`` name.
+    whole nuclei instead of dots. ``title``: defaults to ``name``, else the table's ``image`` name. ``name``:
+    write ``<name>_spatial.json`` / ``.html`` (:func:`report_paths`).
     """
     from nucleiseg.io import write_json_atomic, write_text_atomic
 
@@ -479,6 +490,8 @@ def write_spatial_report(
     xy, codes = table_points(table, float(mpp))
     window = make_window(xy, float(mpp), image_shape, tissue_mask)
     result = spatial_statistics(xy, codes, window, settings)
+    if title is None and name is not None:
+        title = name
     if title is None:
         names = table["image"].unique().tolist() if "image" in table.columns and len(table) else []
         title = ", ".join(str(n) for n in names[:3]) or "nuclei"
@@ -487,9 +500,8 @@ def write_spatial_report(
         float(np.median(table["equivalent_diameter_um"])) if "equivalent_diameter_um" in table and len(table) else 7.0
     )
     page = report_html(result, figures, xy, codes, title, thumbnail, label, diameter)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out / JSON_NAME, "html": out / HTML_NAME}
+    paths = report_paths(out_dir, name)
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
     write_json_atomic(paths["json"], figures)
     write_text_atomic(paths["html"], page)
     return paths
@@ -502,6 +514,7 @@ __all__ = [
     "figures_html",
     "make_window",
     "report_html",
+    "report_paths",
     "table_points",
     "write_spatial_report",
 ]

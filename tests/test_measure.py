@@ -19,7 +19,7 @@ from nucleiseg.measure import (
     stain_matrix_of,
     write_table,
 )
-from nucleiseg.stain import IO, MacenkoNormalizer, ReinhardNormalizer
+from nucleiseg.stain import IO, FixedSourceNormalizer, MacenkoNormalizer, ReinhardNormalizer
 
 
 def beer_lambert(h: np.ndarray, e: np.ndarray, matrix: np.ndarray) -> np.ndarray:
@@ -106,6 +106,8 @@ def test_stain_matrix_of_takes_macenko_fits_only():
         stain_matrix_of(macenko), macenko.stain_matrix / np.linalg.norm(macenko.stain_matrix, axis=0)
     )
     np.testing.assert_allclose(stain_matrix_of(macenko.to_dict()), stain_matrix_of(macenko))
+    slide = FixedSourceNormalizer(reference=macenko, source=MacenkoNormalizer(stain_matrix=np.eye(3)[:, :2]))
+    np.testing.assert_allclose(stain_matrix_of(slide), stain_matrix_of(macenko), err_msg="the model's, not the slide's")
     assert stain_matrix_of(ReinhardNormalizer()) is None and stain_matrix_of(None) is None
     assert stain_matrix_of({"method": "none"}) is None
     with pytest.raises(ValueError, match="3 x 2"):

@@ -16,7 +16,7 @@ from nucleiseg.labels import write_label
 from nucleiseg.measure import nuclei_table
 from nucleiseg.palette import CLASS_HEX
 from nucleiseg.spatial import SpatialSettings
-from nucleiseg.spatial_report import make_window, table_points, write_spatial_report
+from nucleiseg.spatial_report import make_window, report_paths, table_points, write_spatial_report
 from nucleiseg.synth import synth_tile
 
 FAST = SpatialSettings(simulations=9, permutations=19, r_steps=20)
@@ -38,7 +38,10 @@ def strict_json(path) -> dict:
 def test_report_is_self_contained_and_its_figures_match_the_table(tmp_path, tile):
     image, label = tile
     table = nuclei_table(label, image, mpp=0.5, image_name="tile_7")
-    paths = write_spatial_report(table, tmp_path / "r", mpp=0.5, thumbnail=image, label=label, settings=FAST)
+    paths = write_spatial_report(
+        table, tmp_path / "r", mpp=0.5, thumbnail=image, label=label, settings=FAST, name="tile_7"
+    )
+    assert paths == report_paths(tmp_path / "r", "tile_7") and paths["html"].name == "tile_7_spatial.html"
     figures = strict_json(paths["json"])
     counts = table["class"].value_counts()
     assert figures["counts"] == {c: int(counts.get(c, 0)) for c in ("tumor", "lymphocyte", "stroma")}
