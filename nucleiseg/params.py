@@ -111,6 +111,9 @@ class ModelParams(_Section):
     encoder_weights: str = "imagenet"  # imagenet | none | path to a local checkpoint
     dropout: float = Field(0.1, ge=0, lt=1)
     num_classes: int = Field(5, ge=2)
+    # Microns per pixel of the training images (CoNSeP and the synthetic data: 0.25, a 40x scan); recorded with
+    # the model, so that slides and tiles at another resolution are resampled to it.
+    mpp: float = Field(0.25, gt=0)
 
 
 class LossParams(_Section):
@@ -175,6 +178,33 @@ class InferParams(_Section):
 class PostParams(_Section):
     min_area: int = Field(20, ge=0)
     radius: int = Field(1, ge=0)
+
+
+class TissueParams(_Section):
+    """Tissue detection on a slide thumbnail (definitions in ``nucleiseg.tissue``)."""
+
+    mpp: float = Field(8.0, gt=0)  # thumbnail resolution, um per pixel
+    min_saturation: int = Field(15, ge=0, le=255)  # Otsu's threshold on HSV saturation (0-255) clipped to
+    max_saturation: int = Field(30, ge=0, le=255)  # [min_saturation, max_saturation]
+    min_area_um2: float = Field(20000.0, ge=0)  # smaller pieces are dropped
+    hole_area_um2: float = Field(50000.0, ge=0)  # smaller holes are filled
+    dilation_um: float = Field(50.0, ge=0)
+
+    @model_validator(mode="after")
+    def _saturation_range(self) -> TissueParams:
+        if self.min_saturation > self.max_saturation:
+            raise ValueError("min_saturation must not exceed max_saturation")
+        return self
+
+
+class SlideParams(_Section):
+    """Whole slides (definitions in ``nucleiseg.streaming`` and ``nucleiseg.wsi``)."""
+
+    chunk: int = Field(4096, ge=64)  # side of a chunk in model pixels, rounded up to whole inference tiles
+    margin_um: float = Field(30.0, gt=0)  # context around each chunk; must exceed the largest nucleus
+    mpp_tolerance: float = Field(0.02, ge=0, lt=0.5)  # relative mpp difference read without resampling
+    map_mpp: float = Field(16.0, gt=0)  # resolution of the class map / density thumbnail, um per pixel
+    tissue: TissueParams = TissueParams()
 
 
 class EvalParams(_Section):
@@ -256,6 +286,7 @@ class Params(_Section):
     train: TrainParams = TrainParams()
     infer: InferParams = InferParams()
     post: PostParams = PostParams()
+    slide: SlideParams = SlideParams()
     eval: EvalParams = EvalParams()
     promote: PromoteParams = PromoteParams()
     tune: TuneParams = TuneParams()
