@@ -41,14 +41,18 @@ def split_items(data_dir: str | os.PathLike[str], splits_path: str | os.PathLike
                 ignore_suffix: str = "_other") -> list[SplitItem]:  # fmt: skip
     """The images of one split, from ``splits.json`` and the annotated dataset folder.
 
-    A name in the split without its image or label in ``data_dir`` is an error naming both.
+    A name in the split without its image or label in ``data_dir`` is an error naming both, and so is a name
+    that is not a plain file name (:func:`nucleiseg.outputs.check_name`: outputs are named after it).
     """
+    from nucleiseg.outputs import check_name
+
     data_dir = Path(data_dir)
     splits = json.loads(Path(splits_path).read_text())
     if split not in splits:
         raise KeyError(f"{splits_path}: no split {split!r} (has {', '.join(splits)})")
     items = []
     for name in splits[split]:
+        check_name(name, f"{splits_path}: {split} image")
         image = next((data_dir / f"{name}{s}" for s in IMAGE_SUFFIXES if (data_dir / f"{name}{s}").is_file()), None)
         label = data_dir / f"{name}_label.png"
         if image is None or not label.is_file():

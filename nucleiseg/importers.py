@@ -9,9 +9,12 @@ Every importer writes, for each tile ``<name>`` of the source, into ``OUT_DIR``:
   tile is removed when the tile has none.
 
 Each file is written atomically and the image is written last, so an interrupted import never leaves a tile
-that :func:`nucleiseg.io.list_images` would pick up with a missing or half-written label. A tile that cannot
-be read does not stop the others: the importer goes on, then raises :class:`SourceError` listing every failed
-tile (each message names the file and the problem), with the summary of what was written attached.
+that :func:`nucleiseg.io.list_images` would pick up with a missing or half-written label. Before any tile is
+read, ``OUT_DIR`` is checked with :mod:`nucleiseg.outputs`: it must be apart from what is read (the folders of
+CoNSeP images and labels, PanNuke's two arrays, the source folder), and a tile file already there that
+nucleiseg did not write is replaced only with ``force`` (what is written is recorded). A tile that cannot be
+read does not stop the others: the importer goes on, then raises :class:`SourceError` listing every failed tile
+(each message names the file and the problem), with the summary of what was written attached.
 
 Formats
 -------
@@ -54,6 +57,7 @@ import numpy as np
 
 from nucleiseg.io import ImageReadError, list_images, read_image, write_image
 from nucleiseg.labels import CLASS_NAMES, LabelError, class_index, encode, read_label, relabel_sequential, write_label
+from nucleiseg.outputs import OutputError, OutputFolder
 
 FORMATS = ("consep", "pannuke", "folder")
 OTHER = -1  # class value of a nucleus that belongs to no class of the paper
@@ -151,11 +155,29 @@ def write_tile(
     return counts
 
 
-def _run(fmt: str, out_dir: str | os.PathLike[str], tiles: Iterator[tuple[str, Callable[[], tuple]]]) -> ImportSummary:
-    """Load and write every tile; collect failures; raise once at the end if any tile failed."""
+def _tile_files(name: str) -> tuple[str, str, str]:
+    """The files :func:`write_tile` may write (or remove) for tile ``name``."""
+    return f"{name}.png", f"{name}_label.png", f"{name}_other.png"
+
+
+def _run(
+    fmt: str,
+    out_dir: str | os.PathLike[str],
+    tiles: Iterator[tuple[str, Callable[[], tuple]]],
+    inputs: list[Path],
+    force: bool = False,
+) -> ImportSummary:
+    """Check the output folder against the files and folders read (``inputs``), then load and write every
+    tile; collect failures; raise once at the end if any tile failed."""
     out = Path(out_dir)
     summary = ImportSummary(format=fmt, out_dir=out)
-    for name, load in tiles:
+    listed = list(tiles)  # names only: the tiles load later, one at a time
+    try:
+        folder = OutputFolder(out, inputs, force)
+        folder.claim(file for name, _ in listed for file in _tile_files(name))
+    except OutputError as exc:
+        raise SourceError(str(exc)) from None
+    for name, load in listed:
         try:
             if name in summary.tiles:
                 raise SourceError(f"{name}: two source tiles have this name; the second was not imported")
@@ -165,8 +187,8 @@ def _run(fmt: str, out_dir: str | os.PathLike[str], tiles: Iterator[tuple[str, C
                     f"{name}: image is {image.shape[0]}x{image.shape[1]} but its instance map is "
                     f"{instance_map.shape[0]}x{instance_map.shape[1]}"
                 )
-            out.mkdir(parents=True, exist_ok=True)
             summary.add(name, write_tile(out, name, image, instance_map, class_of))
+            folder.record(out / file for file in _tile_files(name) if (out / file).is_file())
             summary.notes.extend(notes)
         except (SourceError, LabelError, ImageReadError) as exc:
             summary.errors.append(str(exc))
@@ -253,7 +275,7 @@ def _load_consep(image_path: Path, mat_path: Path) -> tuple:
     return image, inst, class_of, []
 
 
-def import_consep(src: str | os.PathLike[str], out_dir: str | os.PathLike[str]) -> ImportSummary:
+def import_consep(src: str | os.PathLike[str], out_dir: str | os.PathLike[str], force: bool = False) -> ImportSummary:
     """Import the official CoNSeP layout (see the module docstring) into ``out_dir``."""
     splits = _consep_splits(Path(src))
 
@@ -266,7 +288,9 @@ def import_consep(src: str | os.PathLike[str], out_dir: str | os.PathLike[str]) 
                 mat_path = split / "Labels" / f"{image_path.stem}.mat"
                 yield image_path.stem, lambda i=image_path, m=mat_path: _load_consep(i, m)
 
-    return _run("consep", out_dir, tiles())
+    return _run(
+        "consep", out_dir, tiles(), [p for split in splits for p in (split / "Images", split / "Labels")], force
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -332,7 +356,7 @@ def _as_int32(array: np.ndarray, where: str) -> np.ndarray:
 
 
 def import_pannuke(
-    src: str | os.PathLike[str], out_dir: str | os.PathLike[str], fold: str | None = None
+    src: str | os.PathLike[str], out_dir: str | os.PathLike[str], fold: str | None = None, force: bool = False
 ) -> ImportSummary:
     """Import one PanNuke fold (see the module docstring) into ``out_dir``; tiles are ``<fold>_<index>``.
 
@@ -363,7 +387,7 @@ def import_pannuke(
         for k in range(images.shape[0]):
             yield f"{fold}_{k}", lambda k=k: _load_pannuke(images, masks, k, images_path, masks_path)
 
-    return _run("pannuke", out_dir, tiles())
+    return _run("pannuke", out_dir, tiles(), [images_path, masks_path], force)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -444,7 +468,7 @@ def _load_folder(image_path: Path, inst_path: Path, classes: dict[int, int], csv
     return image, inst, {i: classes[i] for i in ids}, notes
 
 
-def import_folder(src: str | os.PathLike[str], out_dir: str | os.PathLike[str]) -> ImportSummary:
+def import_folder(src: str | os.PathLike[str], out_dir: str | os.PathLike[str], force: bool = False) -> ImportSummary:
     """Import a folder of RGB tiles, instance maps and class CSVs (see the module docstring) into ``out_dir``."""
     src = Path(src)
     if not src.is_dir():
@@ -474,7 +498,7 @@ def import_folder(src: str | os.PathLike[str], out_dir: str | os.PathLike[str]) 
         for image_path in images:
             yield image_path.stem, lambda p=image_path: load(p)
 
-    return _run("folder", out_dir, tiles())
+    return _run("folder", out_dir, tiles(), [src], force)
 
 
 IMPORTERS: dict[str, Callable[..., ImportSummary]] = {
@@ -485,7 +509,7 @@ IMPORTERS: dict[str, Callable[..., ImportSummary]] = {
 
 
 def import_dataset(fmt: str, src: str | os.PathLike[str], out_dir: str | os.PathLike[str], **options) -> ImportSummary:
-    """Run the importer of format ``fmt`` (one of :data:`FORMATS`)."""
+    """Run the importer of format ``fmt`` (one of :data:`FORMATS`); ``options``: ``fold`` (pannuke), ``force``."""
     if fmt not in IMPORTERS:
         raise SourceError(f"unknown format {fmt!r} (expected one of {', '.join(FORMATS)})")
     return IMPORTERS[fmt](src, out_dir, **options)

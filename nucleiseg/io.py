@@ -3,6 +3,10 @@
 Every writer here goes through :func:`atomic_path`: the data is written to a temporary file in the
 destination folder and renamed over the target only once it is complete, so an interrupted run never
 leaves a half-written output in place of a good earlier one.
+
+Temporary names carry the writing process's id (``.<name>.nucleiseg-tmp<pid>-<random>``), so that
+:func:`remove_stale_temporaries` can tell the leftovers of a killed run (their process is gone) from the
+files of a run still in progress, and remove only those.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -19,6 +24,9 @@ from typing import Any
 import numpy as np
 
 IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
+_TEMP = ".nucleiseg-tmp"  # a file or folder being written, swapped in on success
+_ASIDE = ".nucleiseg-old"  # the previous folder, moved aside while atomic_dir swaps the new one in
+_TEMPORARY = re.compile(r"^\.(?P<name>.+?)\.nucleiseg-(?P<kind>tmp|old)(?P<pid>\d+)-")
 _UMASK = os.umask(0)
 os.umask(_UMASK)  # read once at import: os.umask can only be read by setting it
 
@@ -37,7 +45,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.stem}.", suffix=target.suffix, dir=target.parent)
+    fd, tmp_name = tempfile.mkstemp(prefix=_temp_prefix(target.stem, _TEMP), suffix=target.suffix, dir=target.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     try:
@@ -59,13 +67,13 @@ def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    work = Path(tempfile.mkdtemp(prefix=_temp_prefix(target.name, _TEMP), dir=target.parent))
     try:
         yield work
         os.chmod(work, 0o777 & ~_UMASK)
         old = None
         if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+            old = Path(tempfile.mkdtemp(prefix=_temp_prefix(target.name, _ASIDE), dir=target.parent))
             os.replace(target, old / target.name)
         os.replace(work, target)
         if old is not None:
@@ -73,6 +81,48 @@ def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
     finally:
         if work.exists():
             shutil.rmtree(work, ignore_errors=True)
+
+
+def _temp_prefix(name: str, kind: str) -> str:
+    return f".{name}{kind}{os.getpid()}-"
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_stale_temporaries(folder: str | os.PathLike[str]) -> list[Path]:
+    """Remove the temporary files and folders that killed runs left in ``folder``; return what was removed.
+
+    Only names made by :func:`atomic_path` / :func:`atomic_dir` whose process no longer exists are touched
+    (on this machine: process ids are not meaningful across the hosts of a shared filesystem). A previous
+    folder that :func:`atomic_dir` had moved aside when its run was killed is moved back if nothing
+    replaced it, so a kill between the two renames never loses it.
+    """
+    folder = Path(folder)
+    removed: list[Path] = []
+    if not folder.is_dir():
+        return removed
+    for entry in folder.iterdir():
+        match = _TEMPORARY.match(entry.name)
+        if match is None or _process_alive(int(match["pid"])):
+            continue
+        if match["kind"] == "old":
+            kept = entry / match["name"]
+            if kept.exists() and not (folder / match["name"]).exists():
+                os.replace(kept, folder / match["name"])
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed.append(entry)
+    return removed
 
 
 def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> None:
@@ -175,10 +225,16 @@ def write_image(path: str | os.PathLike[str], array: np.ndarray) -> None:
 
 
 def list_images(folder: str | os.PathLike[str], exclude_suffixes: tuple[str, ...] = ("_label", "_other")) -> list[Path]:
-    """The RGB tiles of a dataset folder: image files whose stem does not end in a label suffix."""
+    """The RGB tiles of a dataset folder: image files whose stem does not end in a label suffix.
+
+    Hidden files (a leading ``.``, e.g. the temporary files of a write in progress) are not tiles.
+    """
     folder = Path(folder)
     return sorted(
         p
         for p in folder.iterdir()
-        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.stem.endswith(exclude_suffixes)
+        if p.is_file()
+        and not p.name.startswith(".")
+        and p.suffix.lower() in IMAGE_SUFFIXES
+        and not p.stem.endswith(exclude_suffixes)
     )

@@ -49,13 +49,13 @@ import pandas as pd
 from nucleiseg.io import (
     IMAGE_SUFFIXES,
     ImageReadError,
-    atomic_dir,
     list_images,
     read_raw,
     write_json_atomic,
     write_text_atomic,
 )
 from nucleiseg.labels import CLASS_NAMES
+from nucleiseg.outputs import replaced_folder
 from nucleiseg.params import ChecksParams
 
 if TYPE_CHECKING:
@@ -544,7 +544,8 @@ def validate_manifest(
     """Check ``manifest`` against the expectation suite; optionally keep the artifacts in ``out_dir``.
 
     ``out_dir`` is replaced as a whole (built beside it, then swapped in), with ``report.json``,
-    ``validation_result.json``, ``manifest.csv`` and ``data_docs/``.
+    ``validation_result.json``, ``manifest.csv`` and ``data_docs/`` (check it first with
+    :func:`nucleiseg.outputs.check_replaceable`: this function replaces whatever is there).
     """
     with _atomic_dir(out_dir) as work:
         gx_result = run_suite(manifest, checks, docs_dir=work / "data_docs" if work else None)
@@ -576,9 +577,9 @@ def validate_dataset(
 
 @contextlib.contextmanager
 def _atomic_dir(path: str | os.PathLike[str] | None) -> Iterator[Path | None]:
-    """:func:`nucleiseg.io.atomic_dir`, or nothing to write when ``path`` is None."""
+    """:func:`nucleiseg.outputs.replaced_folder` (for validate), or nothing to write when ``path`` is None."""
     if path is None:
         yield None
         return
-    with atomic_dir(path) as work:
+    with replaced_folder(path, "validate") as work:
         yield work

@@ -14,23 +14,35 @@ written atomically.
 Definitions
 -----------
 model identity
-    What the outputs were computed with: a checkpoint's resolved path and content hash, a registered model's
+    What the outputs were computed with: a checkpoint's (or local MLflow model folder's) resolved path and
+    content hash, a registered model's
     fixed version (``models:/<name>/<version>``, what ``@champion`` pointed to at load time) and source run, a
     logged model's id, a run's model URI. It is recorded in the summary.
 model time
     When that model came to be: a checkpoint's (or MLflow model folder's) modification time, a model version's
     or logged model's ``creation_timestamp``, a run's start time. A version's weights never change after it is
     created; tags and aliases do, so ``last_updated_timestamp`` would needlessly recompute after a promotion.
+    Known, it says that the identity pins the model's content; unknown, nothing is reused.
 up to date
     An image is skipped (status ``skipped``, with the reason) when the previous ``batch_summary.json`` in
     ``OUT_DIR`` has the same model identity and the same ``infer`` / ``post`` settings, lists the same input
-    file (resolved path) as ``ok`` or ``skipped``, and all four outputs exist and are newer than both the input
-    file and the model time. When the model time cannot be known (a remote artifact URI) nothing is skipped.
+    file (resolved path) as ``ok`` or ``skipped`` with the same content (``input_sha256``, the SHA-256 of its
+    bytes), and all four outputs exist as the run wrote them (owned files, :mod:`nucleiseg.outputs`).
+    Modification times play no part: ``cp -p``, ``rsync -a`` or ``tar x`` of changed images keep old times
+    but change the content. When the model time cannot be known (a remote artifact URI, whose content may
+    change under the same name) nothing is skipped.
 
-Failures: a corrupt or unreadable image fails its own task only (the task raises; the error names the file).
-The flow collects every task's state, records the failures in the summary and still completes: it did its job,
-which is to process or account for every image. The caller decides what a failure means (``nucleiseg batch``
-exits 1). Only an unusable model or output folder fails the flow itself (before any image is touched).
+Output safety (:mod:`nucleiseg.outputs`): ``OUT_DIR`` must be apart from ``INPUT_DIR`` (not it, not inside it,
+not holding it), and an existing output file that nucleiseg did not write is replaced only with ``force``;
+both are checked before the model is loaded. Every output written is recorded as owned.
+
+Failures: a corrupt or unreadable image (any ``ValueError`` or ``OSError`` of its prediction: unreadable file,
+unsupported pixels, a failed write) fails alone: its task completes with a ``failed`` entry whose error names
+the file, logged as one warning line (a raised exception would make Prefect log a traceback for what is an
+expected outcome). Anything else is a bug and fails its task with the traceback. The flow records every
+failure in the summary and still completes: it did its job, which is to process or account for every image.
+The caller decides what a failure means (``nucleiseg batch`` exits 1). Only an unusable model or output
+folder fails the flow itself (before any image is touched).
 
 Task runners: ``runner="threads"`` (default) runs the mapped tasks on a :class:`ThreadPoolTaskRunner` of
 ``workers`` threads (default 2) that share the one loaded model (PyTorch and most of the post-processing
@@ -79,6 +91,7 @@ from nucleiseg.infer import (
     predict_file,
 )
 from nucleiseg.io import write_json_atomic
+from nucleiseg.outputs import OutputError, OutputFolder, file_sha256, is_owned, record_files
 
 if TYPE_CHECKING:
     from nucleiseg.params import Params
@@ -146,8 +159,12 @@ def resolve_model(model_ref: str | os.PathLike[str]) -> ModelVersionInfo:
             digest = _sha256(path)
             return ModelVersionInfo(ref, ref, f"{path}#sha256:{digest[:16]}", path.stat().st_mtime)
         if path.is_dir() and (path / "MLmodel").is_file():
-            newest = max(p.stat().st_mtime for p in path.rglob("*") if p.is_file())
-            return ModelVersionInfo(ref, ref, f"{path}@{newest:.6f}", newest)
+            files = sorted(p for p in path.rglob("*") if p.is_file())
+            digest = hashlib.sha256()
+            for file in files:  # names and bytes: a changed file is a different model, whatever its time
+                digest.update(file.relative_to(path).as_posix().encode() + b"\0" + _sha256(file).encode())
+            newest = max(p.stat().st_mtime for p in files)
+            return ModelVersionInfo(ref, ref, f"{path}#sha256:{digest.hexdigest()[:16]}", newest)
         return ModelVersionInfo(ref, ref, ref, None)  # load_predictor reports what is wrong with it
     return _resolve_mlflow(ref)
 
@@ -248,6 +265,7 @@ class PlannedImage:
     name: str
     reason: str
     entry: dict[str, Any] | None = None
+    sha256: str | None = None  # of the input's bytes, recorded as ``input_sha256``
 
 
 def _setup_change(previous: Mapping[str, Any] | None, identity: str, settings: Mapping[str, Any]) -> str | None:
@@ -263,26 +281,26 @@ def _setup_change(previous: Mapping[str, Any] | None, identity: str, settings: M
 
 
 def up_to_date(
-    path: Path, name: str, out_dir: Path, model_time: float | None, earlier: Mapping[str, Any] | None
+    sha256: str | None, name: str, out_dir: Path, model_time: float | None, earlier: Mapping[str, Any] | None
 ) -> tuple[bool, str]:
-    """(skip?, reason) for one image, given its entry in a previous summary made with the same model and
-    settings (None: it has none). See "up to date" in the module docstring."""
+    """(skip?, reason) for one image of content ``sha256``, given its entry in a previous summary made with the
+    same model and settings (None: it has none). See "up to date" in the module docstring."""
     if model_time is None:
         return False, "model time unknown: never skipped"
     if earlier is None:
         return False, "not in the previous summary"
     if earlier.get("status") not in _REUSABLE:
         return False, f"{earlier.get('status')} in the previous run"
+    if sha256 is None or earlier.get("input_sha256") != sha256:
+        return False, "input content changed"
     outputs = output_paths(out_dir, name)
     missing = [p.name for p in outputs.values() if not p.is_file()]
     if missing:
         return False, f"outputs missing: {', '.join(missing)}"
-    oldest = min(p.stat().st_mtime for p in outputs.values())
-    if path.stat().st_mtime >= oldest:
-        return False, "input newer than its outputs"
-    if model_time >= oldest:
-        return False, "model newer than the outputs"
-    return True, "up to date: outputs newer than the input and the model, same model and settings"
+    changed = [p.name for p in outputs.values() if not is_owned(p)]
+    if changed:
+        return False, f"outputs changed since they were written: {', '.join(changed)}"
+    return True, "up to date: same input content, model and settings; outputs as written"
 
 
 def plan_images(
@@ -310,12 +328,16 @@ def plan_images(
             continue
         used[name] = path
         before = earlier.get(path.resolve())
-        skip, reason = up_to_date(path, name, out_dir, model.time, before)
+        try:
+            sha256: str | None = file_sha256(path)
+        except OSError:  # unreadable: its prediction fails and says why
+            sha256 = None
+        skip, reason = up_to_date(sha256, name, out_dir, model.time, before)
         if skip and before is not None:
             entry = {**before, "input": str(path), "status": "skipped", "reason": reason, "seconds": 0.0}
-            planned.append(PlannedImage(path, name, reason, entry))
+            planned.append(PlannedImage(path, name, reason, entry, sha256))
         else:
-            planned.append(PlannedImage(path, name, change or reason))
+            planned.append(PlannedImage(path, name, change or reason, sha256=sha256))
     return planned
 
 
@@ -331,9 +353,19 @@ def predict_image_task(
     infer: InferSettings,
     post: PostSettings,
 ) -> dict[str, Any]:
-    """Segment one image and write its four outputs; raises (failing only this task) for a bad image."""
+    """Segment one image and write its four outputs (recorded as owned); a bad image (``ValueError``,
+    ``OSError``) gives a ``failed`` entry naming the file, anything else raises (see "Failures")."""
     predictor = model if isinstance(model, Predictor) else worker_predictor(model)
-    return predict_file(predictor, path, out_dir, infer, post, name).as_dict()
+    started = time.perf_counter()
+    try:
+        result = predict_file(predictor, path, out_dir, infer, post, name)
+    except (ValueError, OSError) as exc:
+        error = _error_message(path, exc)
+        get_run_logger().warning(f"failed: {error}")
+        seconds = round(time.perf_counter() - started, 3)
+        return FileResult(path, name, "failed", error, seconds=seconds).as_dict()
+    record_files(out_dir, result.outputs.values())
+    return result.as_dict()
 
 
 # --- the flow ---------------------------------------------------------------------------------------
@@ -357,6 +389,17 @@ def task_runner(runner: str, workers: int, dask_address: str | None = None) -> A
             return DaskTaskRunner(address=dask_address)
         return DaskTaskRunner(cluster_kwargs={"n_workers": workers, "threads_per_worker": 1})
     raise BatchInferenceError(f"unknown runner {runner!r}; expected one of {', '.join(RUNNERS)}")
+
+
+def _task_model(runner: str, predictor: Predictor, resolved: ModelVersionInfo, device: str) -> Any:
+    """What tasks get as the model: the shared predictor (threads), or where each Dask worker loads it from."""
+    if runner == "threads":
+        return quote(predictor)  # shared in memory; quote: Prefect must not introspect the model
+    import mlflow
+
+    return ModelSource(
+        resolved.load_ref, resolved.identity, device, mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    )
 
 
 def _error_message(path: str, exc: Any) -> str:
@@ -411,6 +454,9 @@ def batch_inference(
     device: str = "auto",
     dask_address: str | None = None,
     names: list[str] | None = None,
+    force: bool = False,
+    slide: dict[str, Any] | None = None,
+    slide_mpp: float | None = None,
 ) -> dict[str, Any]:
     """Segment every image of ``input_dir`` into ``out_dir`` with ``model_uri``, skipping images already done.
 
@@ -419,6 +465,10 @@ def batch_inference(
     ``infer`` (``tile``, ``overlap``, ``batch_size``, ``tta``) and ``post`` (``min_area``, ``radius``) default
     to the model's own settings. ``runner``, ``workers``, ``dask_address``: see the module docstring.
     ``names``: only the images with these file stems (e.g. a split of a dataset folder); all when None.
+    ``force``: replace existing outputs that nucleiseg did not write (see "Output safety").
+    Slides in ``input_dir`` (``nucleiseg.wsi.is_slide``) go through :func:`pipelines.slide_inference.run_slides`
+    with the ``slide`` settings (params section ``slide``) on the same kind of runner; ``slide_mpp`` is the
+    microns per pixel of slides whose metadata has none.
 
     Returns the summary also written to ``out_dir/batch_summary.json``: ``model`` (uri, identity, version,
     run id, created), ``settings``, counts (``inputs``, ``ok``, ``skipped``, ``failed``, ``nuclei``) and
@@ -432,9 +482,11 @@ def batch_inference(
     source_dir, out = Path(input_dir), Path(out_dir)
     if not source_dir.is_dir():
         raise BatchInferenceError(f"{source_dir}: input folder not found")
-    if out.resolve() == source_dir.resolve():
-        # The outputs (NAME_overlay.png, ...) would be read as new input images by the next run.
-        raise BatchInferenceError(f"{out}: the output folder must not be the input folder")
+    try:
+        # Apart from the input: outputs (NAME_overlay.png, ...) in it would be read as new images next time.
+        folder = OutputFolder(out, [source_dir], force)
+    except OutputError as exc:
+        raise BatchInferenceError(str(exc)) from None
     runner_obj = task_runner(runner, workers, dask_address)  # fail on a missing prefect-dask before loading
 
     resolved = resolve_model(model_uri)
@@ -450,20 +502,40 @@ def batch_inference(
     settings = {"infer": dict(infer_s.__dict__), "post": dict(post_s.__dict__)}
 
     files, problems = expand_inputs([source_dir])
+    from nucleiseg.streaming import SlideSettings, slide_name, slide_output_paths
+    from pipelines.slide_inference import run_slides, split_slides
+
+    files, slides, problems = split_slides(files, problems, source_dir)
     if names is not None:
         wanted = set(names)
         files = [f for f in files if f.stem in wanted]
-        missing = sorted(wanted - {f.stem for f in files})
+        slides = [s for s in slides if slide_name(s) in wanted]
+        missing = sorted(wanted - {f.stem for f in files} - {slide_name(s) for s in slides})
         if missing:
             raise BatchInferenceError(f"{source_dir}: no image for {', '.join(missing)}")
     planned = plan_images(files, out, resolved, settings, read_previous_summary(out))
     todo = [p for p in planned if p.entry is None]
+    try:
+        folder.claim([*(q.name for p in todo for q in output_paths(out, p.name).values()), SUMMARY_NAME,
+                      *(q.name for s in slides for q in slide_output_paths(out, slide_name(s)).values())])  # fmt: skip
+    except OutputError as exc:
+        raise BatchInferenceError(str(exc)) from None
     logger.info(f"{len(planned)} images: {len(todo)} to predict, {len(planned) - len(todo)} skipped or clashing")
 
+    slide_entries = [{"input": str(s), "name": slide_name(s), "kind": "slide", "status": "pending"} for s in slides]
+
     def write_summary() -> dict[str, Any]:
-        results = [p.as_dict() for p in problems] + [
-            p.entry or {"input": str(p.path), "name": p.name, "status": "pending", "reason": p.reason} for p in planned
-        ]
+        results = (
+            [p.as_dict() for p in problems]
+            + [
+                {
+                    **(p.entry or {"input": str(p.path), "name": p.name, "status": "pending", "reason": p.reason}),
+                    "input_sha256": p.sha256,
+                }
+                for p in planned
+            ]
+            + slide_entries
+        )
         counts = {s: sum(r["status"] == s for r in results) for s in ("ok", "skipped", "failed")}
         summary = {
             "flow": "batch-inference",
@@ -483,20 +555,14 @@ def batch_inference(
             "results": results,
         }
         write_json_atomic(out / SUMMARY_NAME, summary)
+        folder.record([out / SUMMARY_NAME])
         return summary
 
-    out.mkdir(parents=True, exist_ok=True)
     if todo:
         # Recorded before any output is rewritten: if this run is interrupted, the images it was working on
         # are "pending" (never reused) under this model, instead of looking up to date under the previous one.
         write_summary()
-        if runner == "threads":
-            model: Any = quote(predictor)  # shared in memory; quote: Prefect must not introspect the model
-        else:
-            import mlflow
-
-            model = ModelSource(resolved.load_ref, resolved.identity, device,
-                                mlflow.get_tracking_uri(), mlflow.get_registry_uri())  # fmt: skip
+        model = _task_model(runner, predictor, resolved, device)
         with runner_obj:
             futures = runner_obj.map(
                 predict_image_task,
@@ -513,12 +579,19 @@ def batch_inference(
             for item, future in zip(todo, futures, strict=True):
                 if future.state.is_completed():
                     item.entry = {**future.result(), "reason": item.reason}
-                else:  # the task's exception, returned rather than raised
+                else:  # a bug (see "Failures"): the task's exception, returned rather than raised
                     error = _error_message(str(item.path), future.result(raise_on_failure=False))
                     logger.warning(f"failed: {error}")
                     failed = FileResult(str(item.path), item.name, "failed", error).as_dict()
                     item.entry = {**failed, "reason": item.reason}
 
+    if slides:
+        write_summary()
+        slide_runner = runner_obj if not todo else task_runner(runner, workers, dask_address)  # a runner runs once
+        slide_entries[:] = run_slides(
+            slide_runner, slides, out, _task_model(runner, predictor, resolved, device), predictor,
+            resolved.as_dict(), infer_s, post_s, SlideSettings.from_mapping(slide or {}), slide_mpp, folder.record,
+        )  # fmt: skip
     summary = write_summary()
     create_markdown_artifact(
         key=ARTIFACT_KEY, markdown=summary_markdown(summary), description=f"Batch inference of {source_dir}"
@@ -537,8 +610,10 @@ def flow_arguments(
     workers: int | None = None,
     device: str = "auto",
     names: list[str] | None = None,
+    force: bool = False,
+    slide_mpp: float | None = None,
 ) -> dict[str, Any]:
-    """The keyword arguments of :func:`batch_inference` given by the settings (``infer``, ``post``,
+    """The keyword arguments of :func:`batch_inference` given by the settings (``infer``, ``post``, ``slide``,
     ``promote.model_name``) and the command-line choices (plain values, as Prefect records them)."""
     infer = params.infer.model_dump()
     runner = runner or params.infer.runner
@@ -556,6 +631,9 @@ def flow_arguments(
         "workers": int(workers),
         "device": device,
         "names": names,
+        "force": force,
+        "slide": params.slide.model_dump(),
+        "slide_mpp": slide_mpp,
     }
 
 

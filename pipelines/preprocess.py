@@ -25,7 +25,9 @@ Output layout (``out_dir``)::
     patches/train/<name>_p<k>_label.png   with their labels (and _other.png ignore maps)
 
 Atomic outputs: everything is written into a fresh folder beside ``out_dir`` and swapped in only when every
-task has succeeded; a failed or interrupted run leaves the previous ``out_dir`` exactly as it was.
+task has succeeded; a failed or interrupted run leaves the previous ``out_dir`` exactly as it was. The new
+folder carries the record of :mod:`nucleiseg.outputs` (``.nucleiseg-outputs.json``), by which ``nucleiseg
+prepare`` knows it may replace it next time; the command checks that ``out_dir`` may be replaced first.
 
 Caching: the manifest (decoding every file) and the stain fit are cached on the *content* of their inputs
 (the SHA-256 of the dataset files, or of the reference tile) plus the source of the code that computes them,
@@ -59,8 +61,9 @@ from prefect.task_runners import ThreadPoolTaskRunner
 import nucleiseg.io
 import nucleiseg.stain
 import nucleiseg.validation
-from nucleiseg.io import IMAGE_SUFFIXES, atomic_dir, read_image, write_image, write_json_atomic, write_text_atomic
+from nucleiseg.io import IMAGE_SUFFIXES, read_image, write_image, write_json_atomic, write_text_atomic
 from nucleiseg.labels import CLASS_NAMES, read_label, write_label
+from nucleiseg.outputs import replaced_folder
 from nucleiseg.params import ChecksParams, Params
 from nucleiseg.prepare import SPLITS, channel_stats, split_dataset, write_patches, write_splits, write_stats
 from nucleiseg.stain import StainNormalizer, fit_normalizer
@@ -260,7 +263,7 @@ def preprocess(
     out = Path(out_dir)
     data_sha256 = digest_task(data_dir)
     manifest = manifest_task(data_dir, data_sha256, ignore_suffix)
-    with atomic_dir(out) as work:
+    with replaced_folder(out, "prepare") as work:
         validate_task(manifest, checks, str(work / "validation"), data_dir)
         names = manifest["name"].tolist()
         class_counts = None

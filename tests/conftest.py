@@ -91,3 +91,43 @@ def tiny_prepared(prefect_api: None, tiny_dataset: Path) -> Path:
     out = tiny_dataset.parent / "prepared"
     preprocess_from_params(load_params(None, TINY_SETTINGS), tiny_dataset, out)
     return out
+
+
+# A checkpoint of a small random network (ResUNet with a MobileNetV3-small-0.5 encoder, no stain step) that
+# :func:`nucleiseg.infer.load_predictor` reads: for tests that need a real model but not a trained one.
+TINY_MODEL_KWARGS = {"name": "resunet34", "encoder": "mobilenetv3_small_050", "num_classes": 5, "dropout": 0.1}
+TINY_INFER = {"tile": 64, "overlap": 16, "batch_size": 4, "tta": False}
+
+
+def write_tiny_checkpoint(path: Path, seed: int = 0) -> Path:
+    import warnings
+
+    import torch
+
+    from nucleiseg.models import create_model
+
+    torch.manual_seed(seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # no pretrained weights offline: expected
+        kwargs = {k: v for k, v in TINY_MODEL_KWARGS.items() if k != "name"}
+        model = create_model("resunet34", encoder_weights="none", **kwargs).eval()
+    torch.save(
+        {
+            "model_name": "resunet34",
+            "model_kwargs": TINY_MODEL_KWARGS,
+            "state_dict": model.state_dict(),
+            "norm_mean": [0.7, 0.5, 0.7],
+            "norm_std": [0.15, 0.2, 0.15],
+            "stain": None,
+            "infer": TINY_INFER,
+            "post": {"min_area": 5, "radius": 1},
+        },
+        path,
+    )
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A checkpoint of a small random network (see :func:`write_tiny_checkpoint`)."""
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny_model") / "model.pt")

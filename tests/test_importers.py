@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 from nucleiseg.importers import SourceError, import_consep, import_dataset, import_folder, import_pannuke
 from nucleiseg.io import read_image, read_raw, write_image
 from nucleiseg.labels import read_label, write_label
+from nucleiseg.outputs import RECORD_NAME
 
 
 def _rgb(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
@@ -144,7 +145,8 @@ def test_consep_malformed_sources_name_the_file(tmp_path):
     assert "train_7.mat: not a readable .mat" in message
     # The good tile was still written, and nothing of the bad ones.
     assert info.value.summary.tiles == ["train_1"]
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["train_1.png", "train_1_label.png"]
+    written = sorted(p.name for p in (tmp_path / "out").iterdir() if p.name != RECORD_NAME)  # the record: outputs
+    assert written == ["train_1.png", "train_1_label.png"]
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -402,8 +404,9 @@ def test_import_dataset_dispatch(tmp_path):
         import_dataset("monuseg", tmp_path, tmp_path / "out")
     label = np.zeros((8, 8), dtype=np.int32)
     label[2:5, 2:5] = 9
-    write_label(tmp_path / "x_inst.png", label)
-    write_image(tmp_path / "x.png", np.zeros((8, 8, 3), dtype=np.uint8))
-    (tmp_path / "x.csv").write_text("id,class\n9,stroma\n")
-    summary = import_dataset("folder", tmp_path, tmp_path / "out")
+    src = tmp_path / "src"  # the output folder must lie outside the folder read
+    write_label(src / "x_inst.png", label)
+    write_image(src / "x.png", np.zeros((8, 8, 3), dtype=np.uint8))
+    (src / "x.csv").write_text("id,class\n9,stroma\n")
+    summary = import_dataset("folder", src, tmp_path / "out")
     assert summary.to_dict()["nuclei"] == {"tumor": 0, "lymphocyte": 0, "stroma": 1}

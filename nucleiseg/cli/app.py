@@ -28,6 +28,10 @@ SetOption = Annotated[
     list[str] | None,
     typer.Option("--set", help="Override a setting, section.key=value (repeatable)."),
 ]
+ForceOption = Annotated[
+    bool,
+    typer.Option("--force", help="Replace existing outputs that nucleiseg did not write (never an input)."),
+]
 
 
 def read_params(params: Path, overrides: list[str] | None) -> Params:

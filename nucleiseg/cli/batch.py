@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from nucleiseg.cli.app import ParamsOption, SetOption, app, fail, prefect_env, read_params
+from nucleiseg.cli.app import ForceOption, ParamsOption, SetOption, app, fail, prefect_env, read_params
 
 DEFAULT_PARAMS = Path("params.yaml")
 
@@ -39,19 +39,29 @@ def batch_command(
     split: Annotated[
         str | None, typer.Option("--split", help="Only this split's images (data.prepared/splits.json).")
     ] = None,
+    force: ForceOption = False,
+    slide_mpp: Annotated[
+        float | None,
+        typer.Option("--slide-mpp", min=0.0, help="Microns per pixel of slides whose metadata has none."),
+    ] = None,
 ) -> None:
     """Segment every image of INPUT_DIR with the champion model (or --model), as a Prefect flow.
 
     Per image NAME it writes NAME_label.png, NAME_overlay.png, NAME.geojson and NAME_nuclei.csv (as
     `nucleiseg predict`), and OUT_DIR/batch_summary.json: per image ok / skipped / failed and why, with the
-    model version used. Images whose outputs are newer than the image and the model, made by the same model
-    version and settings, are skipped. A corrupt image fails alone; the exit code is 1 when any failed.
-    MLflow URIs resolve against the params tracking store (or MLFLOW_TRACKING_URI).
+    model version used. Images already done by the same model version with the same settings, whose content
+    (SHA-256) has not changed and whose outputs are as written, are skipped. A corrupt image fails alone; the
+    exit code is 1 when any failed. MLflow URIs resolve against the params tracking store (or
+    MLFLOW_TRACKING_URI). OUT_DIR must be apart from INPUT_DIR; outputs nucleiseg did not write need --force.
+
+    Slides in INPUT_DIR (.svs, .ndpi, .mrxs, tiled TIFF, ...) are processed as `nucleiseg slide` does, their
+    chunks mapped over the same runner (threads, or a Dask cluster with --runner dask).
     """
     # The default params.yaml is optional (batch runs outside the project too); an explicit one is not.
     settings = read_params(params if (params != DEFAULT_PARAMS or params.is_file()) else None, set_)  # type: ignore[arg-type]
     prefect_env()
     from nucleiseg.infer import ModelLoadError
+    from nucleiseg.outputs import OutputError, OutputFolder
     from pipelines.batch_inference import RUNNERS, SUMMARY_NAME, BatchInferenceError, batch_inference, flow_arguments
 
     names = None
@@ -63,7 +73,13 @@ def batch_command(
             names = list(read_splits(splits_path)[split])
         except (OSError, KeyError, ValueError) as exc:
             fail(f"{splits_path}: cannot read split {split!r} ({exc})")
-    arguments = flow_arguments(settings, input_dir, out_dir, model, tta, runner, workers, device, names)
+    try:
+        OutputFolder(out_dir, [input_dir], force)  # before Prefect starts; the flow claims the file names
+    except OutputError as exc:
+        fail(str(exc))
+    arguments = flow_arguments(
+        settings, input_dir, out_dir, model, tta, runner, workers, device, names, force, slide_mpp
+    )
     if arguments["runner"] not in RUNNERS:
         fail(f"--runner {arguments['runner']!r}: expected one of {', '.join(RUNNERS)}", code=2)
     uri = arguments["model_uri"]

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 
 import typer
 
-from nucleiseg.cli.app import ParamsOption, SetOption, app, fail, read_params
+from nucleiseg.cli.app import ForceOption, ParamsOption, SetOption, app, fail, read_params
 
 LABEL_SUFFIX = "_label.png"
 
@@ -91,14 +91,21 @@ def evaluate(
         ),
     ] = "_other",
     protocol: Annotated[Protocol, typer.Option("--protocol", help=PROTOCOL_HELP)] = Protocol.both,
+    force: ForceOption = False,
 ) -> None:
     """Score predictions against ground truth: detection F1, object Dice and Hausdorff, AJI, PQ, mPQ+ and
     classification accuracy, per image and over the set (the paper's protocol: `images`, `summary`), and/or
-    HoVer-Net's Dice, AJI, DQ, SQ, PQ per image and F1d, type accuracy, F per type pooled (section `hovernet`)."""
+    HoVer-Net's Dice, AJI, DQ, SQ, PQ per image and F1d, type accuracy, F per type pooled (section `hovernet`).
+    OUT must not lie in PRED_DIR or GT_DIR; an existing OUT that nucleiseg did not write needs --force."""
     from nucleiseg.evaluation import assemble_report, score_image
     from nucleiseg.io import write_json_atomic
     from nucleiseg.labels import read_label
+    from nucleiseg.outputs import OutputError, claim_file, record_files
 
+    try:
+        claim_file(out, [pred_dir, gt_dir], force)
+    except OutputError as exc:
+        fail(str(exc))
     preds, gts = _label_files(pred_dir), _label_files(gt_dir)
     unpaired = [f"{preds[n]} (no {n}{LABEL_SUFFIX} in {gt_dir})" for n in sorted(preds.keys() - gts.keys())]
     unpaired += [f"{gts[n]} (no {n}{LABEL_SUFFIX} in {pred_dir})" for n in sorted(gts.keys() - preds.keys())]
@@ -129,6 +136,7 @@ def evaluate(
     if failed:
         report["failed"] = failed
     write_json_atomic(out, _json_ready(report))
+    record_files(out.parent, [out])
     typer.echo(f"{len(scores)} images: {_figures_line(report)} -> {out}")
     if failed:
         fail(f"{len(failed)} of {len(gts)} images not evaluated: {', '.join(sorted(failed))} (see above)")
@@ -148,6 +156,7 @@ def score(
     predictions: Annotated[Path | None, typer.Option(help="Also write the per-image outputs here.")] = None,
     overlays: Annotated[Path | None, typer.Option(help="Also write overlay images (<name>.png) here.")] = None,
     protocol: ProtocolOverride = None,
+    force: ForceOption = False,
 ) -> None:
     """Predict a split's original images with MODEL and score them (the pipeline's evaluate stage).
 
@@ -155,18 +164,32 @@ def score(
     figures (DVC metrics) and confusion.json with one row per matched nucleus (actual, predicted) for DVC's
     confusion plot. Tiling and post-processing come from the params sections infer and post (as for `nucleiseg
     predict`), not from the settings saved with the model, so `--set infer.tile=1024` scores a model that way.
-    The protocol (eval.protocol, or --protocol) decides which figures: the paper's, HoVer-Net's, or both."""
+    The protocol (eval.protocol, or --protocol) decides which figures: the paper's, HoVer-Net's, or both.
+    The output folders must be apart from the dataset; outputs nucleiseg did not write need --force."""
     settings = read_params(params, _with_protocol(set_, protocol))
     from nucleiseg import tracking
     from nucleiseg.evaluation import confusion_rows, evaluate_model, headline, split_items
+    from nucleiseg.export import output_paths
     from nucleiseg.infer import InferSettings, ModelLoadError, PostSettings, load_predictor, settings_from
     from nucleiseg.io import write_json_atomic
+    from nucleiseg.outputs import OutputFolder, claim_file, record_files
 
     out = out or Path(settings.eval.out)
+    data = Path(data_dir or settings.data.dir)
     try:
         splits = splits or Path(settings.data.prepared) / "splits.json"
-        items = split_items(data_dir or settings.data.dir, splits, split, settings.eval.ignore_suffix)
-    except (OSError, KeyError, ValueError) as exc:
+        items = split_items(data, splits, split, settings.eval.ignore_suffix)
+        written = [out, out.with_name(f"{out.stem}_summary.json"), out.with_name("confusion.json")]
+        for path in written:
+            claim_file(path, [data, splits], force)
+        folders: dict[str, OutputFolder] = {}
+        if predictions is not None:
+            folders["predictions"] = OutputFolder(predictions, [data, splits], force)
+            folders["predictions"].claim(p.name for i in items for p in output_paths(predictions, i.name).values())
+        if overlays is not None:
+            folders["overlays"] = OutputFolder(overlays, [data, splits], force)
+            folders["overlays"].claim(f"{i.name}.png" for i in items)
+    except (OSError, KeyError, ValueError) as exc:  # OutputError is a ValueError
         fail(str(exc))
         return
     if "://" in model or model.startswith(("models:/", "runs:/")):
@@ -183,7 +206,7 @@ def score(
         items,
         out_dir=predictions,
         overlay_dir=overlays,
-        on_image=lambda n: typer.echo(f"scored {n}"),
+        on_image=lambda name: _scored(name, folders, predictions, overlays),
         protocol=settings.eval.protocol,
     )
     report["model"] = model
@@ -192,7 +215,19 @@ def score(
     write_json_atomic(out, _json_ready(report))
     write_json_atomic(out.with_name(f"{out.stem}_summary.json"), _json_ready(headline(report)))
     write_json_atomic(out.with_name("confusion.json"), confusion_rows(report))
+    record_files(out.parent, written)
     typer.echo(f"{split}: {len(items)} image(s); {_figures_line(report)}; written to {out}")
+
+
+def _scored(name: str, folders: dict[str, Any], predictions: Path | None, overlays: Path | None) -> None:
+    """Mark one scored image's outputs as written by nucleiseg (nucleiseg.outputs) and say so."""
+    from nucleiseg.export import output_paths
+
+    if predictions is not None:
+        folders["predictions"].record(output_paths(predictions, name).values())
+    if overlays is not None:
+        folders["overlays"].record([overlays / f"{name}.png"])
+    typer.echo(f"scored {name}")
 
 
 @app.command("report")

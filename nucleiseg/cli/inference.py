@@ -7,9 +7,10 @@ from typing import Annotated
 
 import typer
 
-from nucleiseg.cli.app import ParamsOption, SetOption, app, fail, read_params
+from nucleiseg.cli.app import ForceOption, ParamsOption, SetOption, app, fail, read_params
 
 DEFAULT_PARAMS = Path("params.yaml")
+SUMMARY_NAME = "summary.json"
 
 
 @app.command("predict")
@@ -25,8 +26,13 @@ def predict(
         typer.Option("--tta/--no-tta", help="8-fold flip/rotation test-time augmentation (default: params infer.tta)."),
     ] = None,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
+    mpp: Annotated[
+        float | None,
+        typer.Option("--mpp", min=0.0, help="Microns per pixel of the images; resampled to the model's (model.mpp)."),
+    ] = None,
     params: ParamsOption = DEFAULT_PARAMS,
     set_: SetOption = None,
+    force: ForceOption = False,
 ) -> None:
     """Segment and classify the nuclei of every input image.
 
@@ -41,11 +47,15 @@ def predict(
     Settings: params sections infer (tile, overlap, batch_size, tta) and post (min_area, radius).
 
     Without a params.yaml the defaults (the paper's) apply.
+
+    OUT must be apart from the inputs (not one of them, inside one, or holding one); an existing output that
+    nucleiseg did not write is replaced only with --force. All of this is checked before any work.
     """
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.table import Table
 
+    from nucleiseg.export import output_paths
     from nucleiseg.infer import (
         FileResult,
         InferSettings,
@@ -59,6 +69,7 @@ def predict(
         summarize,
     )
     from nucleiseg.io import write_json_atomic
+    from nucleiseg.outputs import OutputError, OutputFolder
 
     # The default params.yaml is optional (predict runs outside the project too); an explicit one is not.
     settings = read_params(params if (params != DEFAULT_PARAMS or params.is_file()) else None, set_)
@@ -70,6 +81,12 @@ def predict(
     files, problems = expand_inputs(inputs)
     if not files and not problems:
         fail("no inputs given")
+    try:
+        folder = OutputFolder(out, inputs=[p for p in inputs if p.exists()], force=force)
+        names = [n for f in files for n in (p.name for p in output_paths(out, f.stem).values())]
+        folder.claim([*names, SUMMARY_NAME])
+    except OutputError as exc:
+        fail(str(exc))
     if is_mlflow_uri(model):
         import mlflow
 
@@ -95,9 +112,13 @@ def predict(
         task = progress.add_task("predicting", total=len(files))
 
         def advance(result: FileResult) -> None:
+            if result.status == "ok":
+                folder.record(result.outputs.values())
             progress.update(task, advance=1, description=Path(result.input).name)
 
-        results = problems + predict_files(predictor, files, out, infer, post, on_result=advance)
+        results = problems + predict_files(
+            predictor, files, out, infer, post, on_result=advance, mpp=mpp, mpp_tolerance=settings.slide.mpp_tolerance
+        )
 
     summary = summarize(
         results,
@@ -106,9 +127,11 @@ def predict(
         infer=infer.__dict__,
         post=post.__dict__,
         stain=None if predictor.stain is None else predictor.stain.method,
+        mpp=mpp,
+        model_mpp=predictor.mpp,
     )
-    out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out / "summary.json", summary)
+    write_json_atomic(out / SUMMARY_NAME, summary)
+    folder.record([out / SUMMARY_NAME])
 
     table = Table(title=f"nucleiseg predict -> {out}")
     for column in ("input", "status", "nuclei", "tumor", "lymph", "stroma", "s"):

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from nucleiseg.cli.app import app, fail
+from nucleiseg.cli.app import ForceOption, app, fail
 
 
 class ImportFormat(StrEnum):
@@ -57,6 +57,7 @@ def import_command(
     fold: Annotated[
         str | None, typer.Option("--fold", help="pannuke: tile name prefix (default: the fold's folder name).")
     ] = None,
+    force: ForceOption = False,
 ) -> None:
     """Import a public dataset into tiles in the paper's label encoding.
 
@@ -68,11 +69,13 @@ def import_command(
     (image,id,class); class is tumor, lymphocyte, stroma, other or 0, 1, 2.
 
     Nuclei of no paper class go to <name>_other.png. Prints the nuclei per class; a tile that fails is
-    reported and does not stop the others.
+    reported and does not stop the others. OUT_DIR must be apart from SRC; tile files already in OUT_DIR that
+    nucleiseg did not write are replaced only with --force (checked before any tile is read).
     """
     from nucleiseg.importers import SourceError, import_dataset
 
-    options = {"fold": fold} if fmt is ImportFormat.pannuke else {}
+    options: dict[str, str | bool | None] = {"fold": fold} if fmt is ImportFormat.pannuke else {}
+    options["force"] = force
     if fold is not None and fmt is not ImportFormat.pannuke:
         fail("--fold applies to the pannuke format only", code=2)
     try:

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from nucleiseg.cli.app import ParamsOption, SetOption, app, fail, prefect_env, read_params
+from nucleiseg.cli.app import ForceOption, ParamsOption, SetOption, app, fail, prefect_env, read_params
 
 DEFAULT_PARAMS = Path("params.yaml")
 
@@ -21,15 +21,24 @@ def validate_command(
     out: Annotated[
         Path, typer.Option("--out", help="Folder for the GX validation result, report.json and data docs.")
     ] = Path("reports/validation"),
+    force: ForceOption = False,
 ) -> None:
     """Validate a dataset folder against the expectation suite (thresholds: params `checks`).
 
     Exit 0 when the dataset is valid; exit 1 with the failed expectations and the offending files otherwise.
     Without a params file (the default params.yaml absent), the default thresholds apply.
+
+    OUT is replaced as a whole: it must be apart from DATA_DIR, and a folder that `nucleiseg validate` did not
+    make is replaced only with --force.
     """
     settings = read_params(None if params == DEFAULT_PARAMS and not params.is_file() else params, set_)  # type: ignore[arg-type]
+    from nucleiseg.outputs import OutputError, check_replaceable
     from nucleiseg.validation import build_manifest, validate_manifest
 
+    try:
+        check_replaceable(out, "validate", [data_dir], force)
+    except OutputError as exc:
+        fail(str(exc))
     try:
         manifest = build_manifest(data_dir, settings.data.ignore_suffix)
     except FileNotFoundError as exc:
@@ -58,14 +67,22 @@ def prepare_command(
     out: Annotated[
         Path | None, typer.Option("--out", help="Output folder, replaced as a whole (default: data.prepared).")
     ] = None,
+    force: ForceOption = False,
 ) -> None:
     """Run the Prefect preprocessing flow: validate, split, stain-normalise, patches, channel statistics.
 
     Runs locally on Prefect's ephemeral API. An invalid dataset stops the flow (exit 1, the failed expectations
-    and files are listed) and the previous OUT is left untouched, as after any failure.
+    and files are listed) and the previous OUT is left untouched, as after any failure. OUT must be apart from
+    the dataset, and a folder that `nucleiseg prepare` did not make is replaced only with --force.
     """
     settings = read_params(params, set_)
     out = out or Path(settings.data.prepared)
+    from nucleiseg.outputs import OutputError, check_replaceable
+
+    try:
+        check_replaceable(out, "prepare", [data_dir or Path(settings.data.dir)], force)
+    except OutputError as exc:
+        fail(str(exc))
     prefect_env()
     from nucleiseg.stain import StainError
     from nucleiseg.validation import DatasetValidationError
