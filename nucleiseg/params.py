@@ -176,8 +176,15 @@ class InferParams(_Section):
 
 
 class PostParams(_Section):
+    """Post-processing (nucleiseg.postprocess): the paper's connected components, or a watershed."""
+
     min_area: int = Field(20, ge=0)
     radius: int = Field(1, ge=0)
+    method: Literal["paper", "watershed"] = "paper"
+    classify: Literal["vote", "probability"] = "vote"
+    mask_threshold: float = Field(0.5, ge=0, le=1)  # watershed: nucleus pixels have inside > this
+    marker_threshold: float = Field(0.3, ge=-1, le=1)  # watershed: markers where inside - contour > this
+    marker_min_area: int = Field(4, ge=0)  # watershed: smaller markers are dropped
 
 
 class TissueParams(_Section):

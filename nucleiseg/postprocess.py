@@ -19,6 +19,26 @@ The steps of the reference code (``test.py`` in github.com/huiqu18/NucleiSegClas
    touching neighbour; here nuclei never overwrite each other: a background pixel within the radius of one or
    more nuclei joins the nearest (Euclidean offset), and among equally near nuclei the largest id (the
    reference's grey-dilation choice). Where nuclei are more than ``2 * radius`` apart it equals the reference.
+
+That is ``method="paper", classify="vote"``, the default. Two options go beyond the paper (they need the
+probability maps, not just their argmax):
+
+- ``classify="probability"``: step 3 takes, for each nucleus, the class whose inside probability summed
+  over the nucleus's pixels is largest (the mean softmax, which keeps the network's confidence that a vote
+  throws away: a stroma nucleus whose pixels lean 45/55 between stroma and lymphocyte is not decided by
+  which side wins more pixels by a hair).
+- ``method="watershed"`` (:func:`watershed_instances`), a marker-controlled watershed on the network's own
+  maps, for touching nuclei whose contour the network only half predicts. With ``inside = p1 + p2 + p3``
+  (the probability of being inside a nucleus, whatever its class) and ``contour = p4``:
+
+  * nucleus pixels: ``inside > mask_threshold`` (classes pooled, so a pixel torn between two classes is not
+    lost to background as in the 5-way argmax);
+  * markers: the connected components of ``inside - contour > marker_threshold`` (the confident cores,
+    which a half-predicted contour still cuts apart) with at least ``marker_min_area`` pixels;
+  * flooding: ``skimage.segmentation.watershed`` on the negated distance to the nearest non-nucleus pixel,
+    from the markers, limited to nucleus pixels, so that the cut between two cores falls on the neck;
+    nucleus pixels that no marker reaches keep their own connected component;
+  * then steps 3-6 as above (class, ``min_area``, ids, dilation by ``radius``).
 """
 
 from __future__ import annotations
@@ -59,6 +79,67 @@ def _components(classes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray
     del inside
     votes = np.bincount(key, minlength=3 * (n + 1)).reshape(n + 1, 3)
     return components, votes.sum(axis=1), np.argmax(votes, axis=1)
+
+
+def _check_probabilities(pred: np.ndarray, what: str) -> np.ndarray:
+    pred = np.asarray(pred)
+    if pred.ndim != 3 or pred.shape[0] != 5 or not np.issubdtype(pred.dtype, np.floating):
+        raise ValueError(f"{what} needs the (5, H, W) probability maps, got {pred.dtype} {pred.shape}")
+    return pred
+
+
+def watershed_instances(
+    probs: np.ndarray, mask_threshold: float = 0.5, marker_threshold: float = 0.3, marker_min_area: int = 4
+) -> np.ndarray:
+    """Instances (``int32``, 0 background, ids 1..n) by the marker-controlled watershed of the module
+    docstring, from ``(5, H, W)`` softmax maps."""
+    from scipy import ndimage
+    from skimage.segmentation import watershed
+
+    probs = _check_probabilities(probs, "the watershed")
+    inside = probs[1:4].sum(axis=0, dtype=np.float32)
+    contour = probs[4].astype(np.float32, copy=False)
+    mask = inside > mask_threshold
+    core = (inside - contour > marker_threshold) & mask
+    eight = np.ones((3, 3), dtype=bool)
+    markers, n = ndimage.label(core, structure=eight, output=np.int32)
+    if n and marker_min_area > 1:
+        small = np.bincount(markers.ravel(), minlength=n + 1) < marker_min_area
+        small[0] = False
+        markers[small[markers]] = 0
+    distance = ndimage.distance_transform_edt(mask)
+    label = watershed(-distance, markers, mask=mask, connectivity=2)
+    # Nucleus pixels no marker reached (no confident core): their own components, numbered after the markers.
+    rest, n_rest = ndimage.label(mask & (label == 0), structure=eight, output=np.int32)
+    if n_rest:
+        top = int(label.max())
+        label[rest > 0] = rest[rest > 0] + top
+    return label.astype(np.int32, copy=False)
+
+
+def _instance_classes(instances: np.ndarray, pred: np.ndarray, classify: str) -> tuple[np.ndarray, np.ndarray]:
+    """Per instance id (index 0: background): area and class (0 tumor, 1 lymphocyte, 2 stroma), by the
+    majority of the pixels' argmax classes (``vote``) or by the summed inside probabilities (``probability``).
+    """
+    n = int(instances.max()) if instances.size else 0
+    flat = instances.ravel()
+    area = np.bincount(flat, minlength=n + 1)
+    fg = flat > 0
+    ids = flat[fg]
+    if classify == "probability":
+        probs = _check_probabilities(pred, "classify='probability'")
+        scores = np.stack(
+            [np.bincount(ids, weights=probs[c].ravel()[fg], minlength=n + 1) for c in INSIDE_CLASSES], axis=1
+        )
+    elif classify == "vote":
+        classes = class_map(pred).ravel()[fg].astype(np.int64)
+        # pixels of an instance whose argmax is not an inside class (contour, background) do not vote
+        inside = (classes >= 1) & (classes <= 3)
+        key = ids[inside].astype(np.int64) * 3 + classes[inside] - 1
+        scores = np.bincount(key, minlength=3 * (n + 1)).reshape(n + 1, 3)
+    else:
+        raise ValueError(f"classify must be 'vote' or 'probability', got {classify!r}")
+    return area, np.argmax(scores, axis=1)
 
 
 def nuclei_instances(classes: np.ndarray, min_area: int = 20) -> tuple[np.ndarray, dict[int, int]]:
@@ -123,17 +204,48 @@ def dilate_into_background(label: np.ndarray, radius: int = 1, inplace: bool = F
     return out
 
 
-def postprocess(pred: np.ndarray, min_area: int = 20, radius: int = 1) -> np.ndarray:
+METHODS = ("paper", "watershed")
+CLASSIFY = ("vote", "probability")
+
+
+def needs_probabilities(method: str = "paper", classify: str = "vote") -> bool:
+    """Whether these settings need the ``(5, H, W)`` probability maps rather than their argmax."""
+    return method != "paper" or classify != "vote"
+
+
+def postprocess(
+    pred: np.ndarray,
+    min_area: int = 20,
+    radius: int = 1,
+    method: str = "paper",
+    classify: str = "vote",
+    mask_threshold: float = 0.5,
+    marker_threshold: float = 0.3,
+    marker_min_area: int = 4,
+) -> np.ndarray:
     """Nuclei label (``int32``, paper's encoding) from ``(5, H, W)`` maps or an ``(H, W)`` class map.
 
     ``min_area``: nuclei with fewer pixels are removed (before dilation). ``radius``: dilation disk radius
-    (0: none). See the module docstring for the exact steps.
+    (0: none). ``method``: ``paper`` (connected components of the argmax) or ``watershed``; ``classify``:
+    ``vote`` or ``probability``; the thresholds and ``marker_min_area`` set the watershed. The defaults are
+    the reference code. See the module docstring for the exact steps.
     """
     from nucleiseg.labels import encode
 
     if min_area < 0 or radius < 0:
         raise ValueError(f"min_area and radius must be >= 0, got {min_area} and {radius}")
-    components, area, nucleus_class = _components(class_map(pred))
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    if classify not in CLASSIFY:
+        raise ValueError(f"classify must be one of {', '.join(CLASSIFY)}, got {classify!r}")
+    if method == "paper" and classify == "vote":
+        components, area, nucleus_class = _components(class_map(pred))
+    else:
+        if method == "watershed":
+            components = watershed_instances(pred, mask_threshold, marker_threshold, marker_min_area)
+        else:
+            components, _, _ = _components(class_map(pred))
+        area, nucleus_class = _instance_classes(components, pred, classify)
     keep = area >= min_area
     keep[0] = False
     kept = np.flatnonzero(keep)
@@ -148,9 +260,13 @@ def postprocess(pred: np.ndarray, min_area: int = 20, radius: int = 1) -> np.nda
 
 
 __all__ = [
+    "CLASSIFY",
+    "METHODS",
     "class_map",
     "dilate_into_background",
     "disk_offsets",
+    "needs_probabilities",
     "nuclei_instances",
     "postprocess",
+    "watershed_instances",
 ]

@@ -267,6 +267,7 @@ def predictor_extras(params: Params, data: PreparedData) -> dict[str, Any]:
         "stain": data.stain,
         "infer": params.infer.model_dump(mode="json", include={"tile", "overlap", "batch_size", "tta"}),
         "post": params.post.model_dump(mode="json"),
+        "mpp": params.model.mpp,  # the training images' resolution: slides and tiles are resampled to it
     }
 
 
@@ -311,7 +312,7 @@ def validate(
             batch_size=params.infer.batch_size,
             device=device,
         )
-        pred = postprocess(probs, min_area=params.post.min_area, radius=params.post.radius)
+        pred = postprocess(probs, **params.post.model_dump())
         ignore = read_label(other_path) > 0 if other_path is not None else None
         per_image[image_path.stem] = evaluate_image(pred, read_label(label_path), ignore=ignore)
     model.train(was_training)
@@ -704,7 +705,7 @@ def _example_overlay(model: torch.nn.Module, data: PreparedData, params: Params,
     probs = predict_probabilities(
         model, image, data.mean, data.std, tile=params.infer.tile, overlap=params.infer.overlap, device=device
     )
-    label = postprocess(probs, min_area=params.post.min_area, radius=params.post.radius)
+    label = postprocess(probs, **params.post.model_dump())
     path = out / f"{image_path.stem}_overlay.png"
     write_image(path, overlay(image, label))
     return path

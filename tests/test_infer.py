@@ -509,7 +509,7 @@ def test_score_command_takes_tiling_from_params_not_the_checkpoint(tmp_path):
     assert result.exit_code == 0, result.output
     report = json.loads(out.read_text())
     assert report["infer"] == {"tile": 32, "overlap": 8, "batch_size": 8, "tta": False}
-    assert report["post"] == {"min_area": 3, "radius": 1}
+    assert report["post"] == {**PostSettings().__dict__, "min_area": 3, "radius": 1}
     # the figures are those of the model predicting with that tiling
     predictor = load_predictor(ckpt, device="cpu")
     predictor.infer, predictor.post = InferSettings(32, 8, 8, False), PostSettings(3, 1)

@@ -236,3 +236,84 @@ def test_equals_the_reference_code_when_nuclei_are_apart(seed):
         ours = postprocess(classes, min_area=min_area, radius=radius)
         assert ours.any()
         assert np.array_equal(ours, reference_code(classes, min_area, radius))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Beyond the paper: the watershed and the class by probability
+# ----------------------------------------------------------------------------------------------------------
+
+
+def disc_maps(centres: list[tuple[int, int]], radius: float, shape: tuple[int, int], klass: int = TUMOR) -> np.ndarray:
+    """(5, H, W) maps of overlapping discs: inside probability 0.9 in every disc, no contour predicted."""
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    inside = np.zeros(shape, bool)
+    for cy, cx in centres:
+        inside |= (yy - cy) ** 2 + (xx - cx) ** 2 <= radius**2
+    probs = np.zeros((5, *shape), np.float32)
+    probs[0] = np.where(inside, 0.1, 0.9)
+    probs[klass] = np.where(inside, 0.9, 0.1)
+    return probs
+
+
+def test_watershed_splits_touching_nuclei_the_paper_merges():
+    # Two discs of radius 8 whose centres are 14 px apart overlap on a narrow neck; the network predicted
+    # the contour between them too weakly for the argmax, but the inside-minus-contour cores are cut there.
+    probs = disc_maps([(20, 20), (20, 34)], 8, (40, 56))
+    # a half-predicted contour across the neck: inside still wins the argmax (0.55 vs 0.4)
+    probs[4, 12:29, 27] = 0.4
+    probs[TUMOR, 12:29, 27] = 0.55
+    probs[0, 12:29, 27] = 0.05
+    paper = postprocess(probs, min_area=10, radius=0)
+    assert len(np.unique(paper)) - 1 == 1  # the argmax keeps the neck inside: one merged blob
+    split = postprocess(probs, min_area=10, radius=0, method="watershed", marker_threshold=0.3)
+    ids = np.unique(split)[1:]
+    assert len(ids) == 2
+    assert split[20, 20] != split[20, 34] and split[20, 20] > 0 and split[20, 34] > 0
+    # the cut lies on the neck, and no nucleus pixel is lost
+    assert {split[20, 25], split[20, 29]} == {split[20, 20], split[20, 34]}
+    assert ((split > 0) == (probs[1:4].sum(0) > 0.5)).all()
+
+
+def test_watershed_keeps_nuclei_without_a_confident_core():
+    probs = disc_maps([(10, 10)], 5, (24, 24))
+    probs[TUMOR] = np.where(probs[TUMOR] > 0.5, 0.55, 0.1)  # inside 0.55, contour 0.35: no core above 0.3
+    probs[4] = np.where(probs[TUMOR] > 0.5, 0.35, 0.0)
+    probs[0] = 1 - probs[TUMOR] - probs[4]
+    label = postprocess(probs, min_area=5, radius=0, method="watershed", marker_threshold=0.3)
+    assert len(np.unique(label)) == 2 and label[10, 10] > 0
+
+
+def test_watershed_pools_the_inside_classes_for_the_mask():
+    # Each inside class alone is below background (0.3 < 0.4), together they make a nucleus (0.6 > 0.5).
+    probs = np.zeros((5, 20, 20), np.float32)
+    probs[0] = 1.0
+    probs[:, 5:15, 5:15] = np.array([0.4, 0.0, 0.3, 0.3, 0.0], np.float32)[:, None, None]
+    assert postprocess(probs, min_area=1, radius=0).max() == 0  # the paper's 5-way argmax: background
+    label = postprocess(probs, min_area=1, radius=0, method="watershed")
+    assert (label[5:15, 5:15] > 0).all() and len(np.unique(label)) == 2
+
+
+def test_class_by_probability_follows_the_summed_confidence_not_the_pixel_count():
+    # 60 pixels lean lymphocyte by a hair (0.34 vs 0.33), 40 pixels are surely stroma (0.9): the vote says
+    # lymphocyte, the summed probability says stroma.
+    probs = np.zeros((5, 10, 10), np.float32)
+    probs[LYMPH], probs[STROMA], probs[0] = 0.34, 0.33, 0.33
+    probs[:, 6:, :] = np.array([0.05, 0.0, 0.05, 0.9, 0.0], np.float32)[:, None, None]
+    inside = np.zeros((5, 14, 14), np.float32)
+    inside[0] = 1.0
+    inside[:, 2:12, 2:12] = probs
+    inside[0, 2:12, 2:12] = 0.0  # every nucleus pixel is inside for the argmax (background emptied)
+    vote = postprocess(inside, min_area=1, radius=0, classify="vote")
+    prob = postprocess(inside, min_area=1, radius=0, classify="probability")
+    assert np.unique(vote[vote > 0]) % 3 == [1] and np.unique(prob[prob > 0]) % 3 == [2]
+    assert ((vote > 0) == (prob > 0)).all()  # the same nuclei, only the class differs
+
+
+def test_bad_post_settings_are_named():
+    probs = one_hot(np.zeros((8, 8), np.uint8))
+    with pytest.raises(ValueError, match="method"):
+        postprocess(probs, method="magic")
+    with pytest.raises(ValueError, match="classify"):
+        postprocess(probs, classify="guess")
+    with pytest.raises(ValueError, match="probability maps"):
+        postprocess(np.zeros((8, 8), np.uint8), method="watershed")

@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import REPO, TINY_SETTINGS
 from typer.testing import CliRunner
 
 from nucleiseg.cli import app
+from nucleiseg.data import class_weights, target_frequencies
 from nucleiseg.params import load_params
-from nucleiseg.train import load_checkpoint, train
+from nucleiseg.train import load_checkpoint, lr_scheduler, train
 
 
 def _params(tmp_path: Path, *extra: str):
@@ -71,7 +74,9 @@ def _kill_after_first_epoch(epoch: int, metrics: dict) -> None:
 
 
 def test_resume_reaches_the_uninterrupted_result(tiny_prepared, tmp_path):
-    params = _params(tmp_path, "train.deterministic=true", "train.epochs=3")
+    # A one-cycle schedule and balanced class weights: the scheduler's state must resume too.
+    params = _params(tmp_path, "train.deterministic=true", "train.epochs=3", "train.schedule=onecycle",
+                     "loss.class_weights=balanced")  # fmt: skip
     train(params, tiny_prepared, tmp_path / "straight", track=False, progress=False)
 
     with pytest.raises(_Killed):
@@ -88,6 +93,64 @@ def test_resume_reaches_the_uninterrupted_result(tiny_prepared, tmp_path):
     for key, tensor in a["state_dict"].items():
         assert torch.equal(tensor, b["state_dict"][key]), key
     assert [h["train_loss"] for h in a["history"]] == [h["train_loss"] for h in b["history"]]
+    assert [h["lr"] for h in a["history"]] == [h["lr"] for h in b["history"]]
+    assert a["scheduler"]["last_epoch"] == b["scheduler"]["last_epoch"] == 3 * 2  # epochs x steps
+
+
+def test_select_last_keeps_the_end_of_the_schedule(tiny_prepared, tmp_path):
+    params = _params(tmp_path, "train.epochs=2", "train.select=last", "train.val_every=1")
+    result = train(params, tiny_prepared, tmp_path / "run", track=False, progress=False)
+    best = load_checkpoint(tmp_path / "run" / "best.pt")
+    last = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert best["epoch"] == last["epoch"] == 1 and result.best_epoch == 2
+    for key, tensor in last["state_dict"].items():
+        assert torch.equal(tensor, best["state_dict"][key]), key
+
+
+def test_one_cycle_warms_up_to_the_peak_then_anneals():
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+    sched = lr_scheduler(opt, "onecycle", 2e-3, total_steps=100, warmup=0.2)
+    rates = []
+    for _ in range(100):
+        rates.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert rates[0] == pytest.approx(2e-3 / 25)
+    assert max(rates) == pytest.approx(2e-3, rel=1e-3) and int(np.argmax(rates)) in (19, 20)
+    assert rates[-1] < 2e-5 and all(a >= b for a, b in itertools.pairwise(rates[20:]))
+
+
+def test_cosine_warms_up_linearly_then_decays_to_zero():
+    opt = torch.optim.Adam(torch.nn.Linear(2, 2).parameters(), lr=1e-3)
+    sched = lr_scheduler(opt, "cosine", 1e-3, total_steps=10, warmup=0.2)
+    rates = []
+    for _ in range(10):
+        rates.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert rates[:3] == pytest.approx([5e-4, 1e-3, 1e-3])
+    assert rates[-1] == pytest.approx(1e-3 * 0.5 * (1 + np.cos(np.pi * 7 / 8)))
+    assert lr_scheduler(opt, "constant", 1e-3, 10, 0.1) is None
+
+
+def test_balanced_class_weights_favour_rare_classes_and_keep_the_loss_scale():
+    freq = np.array([0.7, 0.1, 0.05, 0.05, 0.1])
+    w = class_weights(freq)
+    assert float((freq * w).sum()) == pytest.approx(1.0)
+    assert w[2] / w[0] == pytest.approx((0.7 / 0.05) ** 0.5, rel=1e-5)
+    absent = class_weights([0.8, 0.2, 0.0, 0.0, 0.0])
+    assert absent[2] == absent[3] == absent[4] == absent[1]  # an absent class gets the largest other weight
+
+
+def test_target_frequencies_count_the_training_targets(tiny_prepared):
+    from nucleiseg.data import list_patches
+    from nucleiseg.labels import read_label, targets
+
+    labels = [label for _, label, _ in list_patches(tiny_prepared / "patches" / "train")]
+    freq = target_frequencies(labels)
+    direct = np.bincount(np.concatenate([targets(read_label(p)).ravel() for p in labels]), minlength=5)
+    assert freq == pytest.approx(direct / direct.sum())
 
 
 @pytest.mark.parametrize(
