@@ -13,7 +13,10 @@ search space
     ``perceptual`` switch: *off* trains with ``beta = 0`` exactly (no VGG16 at all, about 3x cheaper per step
     on CPU), *on* draws ``beta`` in the range. A uniform draw alone would never try the "no perceptual loss"
     configuration, which is the one the paper's ablation asks about. A range whose ends are equal fixes that
-    value. The applied settings are ``train.beta``, ``loss.w0`` and ``loss.sigma``.
+    value. The applied settings are ``train.beta``, ``loss.w0`` and ``loss.sigma``. With
+    ``post.method: watershed`` the watershed's ``post.marker_threshold`` and ``post.mask_threshold`` are
+    drawn too (uniform in ``tune.marker_threshold`` and ``tune.mask_threshold``), since the validation that
+    scores a trial post-processes with them.
 trial
     One training run from the base settings with the trial's values applied and ``train.epochs`` replaced
     by the tuning budget (``tune.epochs``), validated every ``train.val_every`` epochs on the validation
@@ -106,9 +109,14 @@ class SearchSpace:
     beta: tuple[float, float] = (0.0, 1.0)
     w0: tuple[float, float] = (1.0, 20.0)
     sigma: tuple[float, float] = (1.0, 10.0)
+    # the watershed's thresholds (None: not searched, as with the paper's post-processing)
+    marker_threshold: tuple[float, float] | None = None
+    mask_threshold: tuple[float, float] | None = None
 
     def __post_init__(self) -> None:
-        for name, (low, high) in (("beta", self.beta), ("w0", self.w0), ("sigma", self.sigma)):
+        ranges = [("beta", self.beta), ("w0", self.w0), ("sigma", self.sigma)]
+        ranges += [(name, r) for name, r in self._post_ranges()]
+        for name, (low, high) in ranges:
             if not low <= high:
                 raise ValueError(f"tune.{name}: the range [{low}, {high}] is empty")
         if self.beta[0] < 0 or self.w0[0] < 0 or self.sigma[0] <= 0:
@@ -125,14 +133,21 @@ class SearchSpace:
             beta = 0.0
         else:
             beta = trial.suggest_float("beta", *self.beta)
-        return {
+        values = {
             "train.beta": float(beta),
             "loss.w0": float(trial.suggest_float("w0", *self.w0)),
             "loss.sigma": float(trial.suggest_float("sigma", *self.sigma)),
         }
+        for name, bounds in self._post_ranges():
+            values[f"post.{name}"] = float(trial.suggest_float(name, *bounds))
+        return values
+
+    def _post_ranges(self) -> list[tuple[str, tuple[float, float]]]:
+        pairs = (("marker_threshold", self.marker_threshold), ("mask_threshold", self.mask_threshold))
+        return [(name, bounds) for name, bounds in pairs if bounds is not None]
 
     def as_dict(self) -> dict[str, list[float]]:
-        return {name: list(values) for name, values in asdict(self).items()}
+        return {name: list(values) for name, values in asdict(self).items() if values is not None}
 
 
 def apply_overrides(params: Params, values: Mapping[str, Any]) -> Params:
@@ -512,7 +527,9 @@ def trial_overrides(trial: optuna.trial.FrozenTrial, space: SearchSpace | None =
         return {k: float(v) for k, v in trial.user_attrs[OVERRIDES_ATTR].items()}
     p = trial.params
     beta = p.get("beta", 0.0) if p.get("perceptual", True) else 0.0
-    return {"train.beta": float(beta), "loss.w0": float(p["w0"]), "loss.sigma": float(p["sigma"])}
+    values = {"train.beta": float(beta), "loss.w0": float(p["w0"]), "loss.sigma": float(p["sigma"])}
+    values.update({f"post.{k}": float(p[k]) for k in ("marker_threshold", "mask_threshold") if k in p})
+    return values
 
 
 def best_params_document(study: optuna.Study, storage: str, epochs: int | None = None) -> dict[str, Any] | None:
@@ -689,7 +706,14 @@ def start_session(
 ) -> StudySession:
     """Check the data, open (or join) the study in ``params.tune`` and its MLflow parent run."""
     tune = params.tune
-    space = SearchSpace(tune.beta, tune.w0, tune.sigma)
+    watershed = params.post.method == "watershed"
+    space = SearchSpace(
+        tune.beta,
+        tune.w0,
+        tune.sigma,
+        marker_threshold=tune.marker_threshold if watershed else None,
+        mask_threshold=tune.mask_threshold if watershed else None,
+    )
     check_prepared(prepared_dir)
     if pruner is None:
         pruner = make_pruner(tune.pruner_startup_trials, tune.pruner_warmup_epochs)

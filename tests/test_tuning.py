@@ -214,6 +214,16 @@ def test_search_space_switches_the_perceptual_loss_off_exactly():
         SearchSpace(w0=(5.0, 1.0))
 
 
+def test_search_space_draws_the_watershed_thresholds_only_when_given():
+    space = SearchSpace(beta=(0.0, 0.0), marker_threshold=(0.0, 0.6), mask_threshold=(0.3, 0.7))
+    drawn = space.suggest(optuna.trial.FixedTrial({"beta": 0.0, "w0": 2.0, "sigma": 2.0,
+                                                   "marker_threshold": 0.2, "mask_threshold": 0.45}))  # fmt: skip
+    assert drawn["post.marker_threshold"] == 0.2 and drawn["post.mask_threshold"] == 0.45
+    assert "marker_threshold" in space.as_dict() and "marker_threshold" not in SearchSpace().as_dict()
+    with pytest.raises(ValueError, match="marker_threshold"):
+        SearchSpace(marker_threshold=(0.6, 0.1))
+
+
 def test_joining_a_study_made_for_another_objective_is_an_error(tmp_path):
     storage = str(tmp_path / "study.journal")
     space = SearchSpace()
