@@ -304,6 +304,14 @@ def _cell(value: Any, digits: int = 2) -> str:
     return f"{value:,.{digits}f}"
 
 
+def _percent(fraction: float | None, digits: int = 1) -> str:
+    return (
+        "–"
+        if fraction is None or (isinstance(fraction, float) and math.isnan(fraction))
+        else _cell(100 * fraction, digits)
+    )
+
+
 def _class_th(c: int) -> str:
     return f'<th class="name"><span class="swatch" style="background:{CLASS_HEX[c]}"></span>{CLASS_NAMES[c]}</th>'
 
@@ -321,7 +329,7 @@ def figures_html(figures: Mapping[str, Any]) -> str:
     """The table of figures: per class counts and densities, then the class-pair matrices."""
     settings = figures["settings"]
     per_class = "".join(
-        f"<tr>{_class_th(c)}<td>{figures['counts'][n]:,}</td><td>{_cell(100 * figures['fractions'][n], 1)}</td>"
+        f"<tr>{_class_th(c)}<td>{figures['counts'][n]:,}</td><td>{_percent(figures['fractions'][n])}</td>"
         f"<td>{_cell(figures['density_per_mm2'][n], 0)}</td></tr>"
         for c, n in enumerate(CLASS_NAMES)
     )
@@ -387,10 +395,13 @@ def report_html(
         f"{figures['nuclei']:,} nuclei · {figures['mpp_um_per_px']:g} µm per pixel · window: "
         f"{html.escape(figures['window']['description'])} ({figures['window']['area_mm2']:.4f} mm²)"
     )
-    headline = (
-        f"{_cell(100 * tumour_contact['fraction'], 1)}% of tumour nuclei have a lymphocyte within "
-        f"{tumour_contact['radius_um']:g} µm."
-    )
+    if tumour_contact["fraction"] is None:
+        headline = "No tumour-lymphocyte contact figure: the image has no tumour or no lymphocyte nuclei."
+    else:
+        headline = (
+            f"{_percent(tumour_contact['fraction'])}% of tumour nuclei have a lymphocyte within "
+            f"{tumour_contact['radius_um']:g} µm."
+        )
     sections = [
         _section(
             "Nuclei by class",

@@ -104,3 +104,17 @@ def test_nucleiseg_spatial_on_a_label_and_on_a_table(tmp_path, tile):
     assert result.exit_code == 1 and "not at --mpp 0.5" in result.output
     result = runner.invoke(app, ["spatial", str(tmp_path / "missing.csv"), "--out", str(tmp_path / "d")])
     assert result.exit_code == 1 and "missing.csv" in result.output
+
+
+@pytest.mark.parametrize("nuclei", [0, 1])
+def test_an_image_without_pairs_of_nuclei_still_gets_a_report(tmp_path, nuclei):
+    label = np.zeros((64, 64), np.int32)
+    if nuclei:
+        label[10:13, 10:13] = 3
+    table = nuclei_table(label, np.full((64, 64, 3), 200, np.uint8), mpp=0.25)
+    paths = write_spatial_report(
+        table, tmp_path, mpp=0.25, label=label, settings=SpatialSettings(simulations=3, permutations=3)
+    )
+    figures = strict_json(paths["json"])
+    assert figures["nuclei"] == nuclei and figures["tumor_with_lymphocyte_within"]["fraction"] is None
+    assert "no tumour or no lymphocyte" in paths["html"].read_text()
