@@ -1,9 +1,10 @@
 """Benchmark: the spatial statistics of a slide-sized pattern (500,000 nuclei), and a reference on a subsample.
 
 Input: a synthetic slide of ``--nuclei`` nuclei (default 500,000) in a 14 x 12 mm rectangle whose tissue is an
-ellipse (a tissue mask of 1400 x 1200 px at 10 um/px, about 132 mm^2 of tissue, ~3,800 nuclei/mm^2, the density of
-CoNSeP's tiles): tumour nuclei in Gaussian clusters (glands), lymphocytes half in aggregates and half
-scattered, stroma nuclei scattered; classes 45 / 25 / 30 %.
+ellipse (a tissue mask of 1400 x 1200 px at 10 um/px: 121.6 mm^2 of tissue, ~4,100 nuclei/mm^2, half the
+density of CoNSeP's tiles, as a slide with stroma and glass between cellular areas): tumour nuclei in Gaussian
+clusters (glands), lymphocytes half in aggregates and half scattered, stroma nuclei scattered; classes
+45 / 25 / 30 %.
 
 Ours: :func:`nucleiseg.spatial.spatial_statistics` with the default settings of params.yaml (nearest
 neighbours of all 9 class pairs on all nuclei; L functions of the 6 class pairs with translation edge
