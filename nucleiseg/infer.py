@@ -40,6 +40,7 @@ from __future__ import annotations
 import math
 import os
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +54,7 @@ if TYPE_CHECKING:
 NUM_MAPS = 5
 DEFAULT_TILE = 224
 DEFAULT_OVERLAP = 80
+DEFAULT_MODEL_MPP = 0.25  # microns per pixel assumed for models saved without one (CoNSeP's 40x)
 
 # Checkpoint / MLflow metadata keys (see load_predictor).
 CHECKPOINT_KEYS = ("model_name", "model_kwargs", "state_dict", "norm_mean", "norm_std")
@@ -443,7 +445,8 @@ class Predictor:
 
     ``stain`` is a fitted :class:`nucleiseg.stain.StainNormalizer` (or None) applied to every image before
     the channel normalisation, exactly as in training. ``infer`` and ``post`` are the defaults the model was
-    saved with; the methods take overrides.
+    saved with; the methods take overrides. ``mpp``: microns per pixel of the training images (params
+    ``model.mpp``); images at another resolution are resampled to it (:mod:`nucleiseg.wsi`).
     """
 
     model: Any  # torch.nn.Module
@@ -455,6 +458,7 @@ class Predictor:
     post: PostSettings = field(default_factory=PostSettings)
     source: str = ""
     info: dict[str, Any] = field(default_factory=dict)
+    mpp: float = DEFAULT_MODEL_MPP
 
     def prepare(self, image: np.ndarray) -> np.ndarray:
         """The image as the network expects it before channel normalisation (stain-normalised if fitted)."""
@@ -518,6 +522,20 @@ def _build_predictor(
         post = settings_from(PostSettings, extras.get("post"))
     except (TypeError, ValueError) as exc:
         raise ModelLoadError(f"{where}: bad infer/post settings ({exc})") from None
+    mpp = extras.get("mpp")
+    if mpp is None:
+        warnings.warn(
+            f"{where}: no mpp recorded (a model saved before model.mpp existed); assuming {DEFAULT_MODEL_MPP} um/px",
+            UserWarning,
+            stacklevel=3,
+        )
+        mpp = DEFAULT_MODEL_MPP
+    try:
+        mpp = float(mpp)
+    except (TypeError, ValueError):
+        mpp = math.nan
+    if not (math.isfinite(mpp) and mpp > 0):
+        raise ModelLoadError(f"{where}: mpp must be a positive number of microns per pixel, got {extras.get('mpp')!r}")
     import torch
 
     model.eval()
@@ -533,6 +551,7 @@ def _build_predictor(
         post=post,
         source=source,
         info=info,
+        mpp=mpp,
     )
 
 
@@ -567,6 +586,8 @@ def load_predictor(
         Default tiling: keys among ``tile``, ``overlap``, ``batch_size``, ``tta``.
     ``post`` (dict, optional)
         Default post-processing: keys among ``min_area``, ``radius``.
+    ``mpp`` (float, optional)
+        Microns per pixel of the training images; absent in models saved before it existed: 0.25, with a warning.
 
     Other keys (``epoch``, metrics, params) are kept in :attr:`Predictor.info`.
 
@@ -708,9 +729,15 @@ def predict_file(
     infer: InferSettings | None = None,
     post: PostSettings | None = None,
     name: str | None = None,
+    mpp: float | None = None,
+    mpp_tolerance: float = 0.02,
 ) -> FileResult:
     """Segment one image file and write its four outputs into ``out_dir``
     (:func:`nucleiseg.export.write_outputs`). Settings default to the predictor's.
+
+    ``mpp``: the image's microns per pixel. When it differs from the model's by more than ``mpp_tolerance``
+    (relative), the image is resampled to the model's resolution for the network (:func:`nucleiseg.wsi.rescale`)
+    and the label brought back to the image's pixels (nearest neighbour); the measurements use ``mpp``.
 
     Raises :class:`nucleiseg.io.ImageReadError` for an unreadable image and whatever inference or writing
     raises; :func:`predict_files` turns those into failed results.
@@ -718,6 +745,7 @@ def predict_file(
     from nucleiseg.export import write_outputs
     from nucleiseg.io import read_image
     from nucleiseg.postprocess import postprocess
+    from nucleiseg.wsi import rescale, resize_label
 
     infer = infer or predictor.infer
     post = post or predictor.post
@@ -725,12 +753,16 @@ def predict_file(
     name = name or path.stem
     started = time.perf_counter()
     image = read_image(path)
+    seen = image if mpp is None else rescale(image, mpp, predictor.mpp, mpp_tolerance)
     classes = predictor.classes(
-        image, tile=infer.tile, overlap=infer.overlap, batch_size=infer.batch_size, tta=infer.tta
+        seen, tile=infer.tile, overlap=infer.overlap, batch_size=infer.batch_size, tta=infer.tta
     )
     label = postprocess(classes, min_area=post.min_area, radius=post.radius)
     del classes
-    outputs = write_outputs(out_dir, name, image, label)
+    if seen is not image:
+        label = resize_label(label, image.shape[:2])
+    del seen
+    outputs = write_outputs(out_dir, name, image, label, mpp=mpp)
     ids = np.flatnonzero(np.bincount(label.ravel()))  # present ids without sorting the whole image
     ids = ids[ids > 0]
     per_class = np.bincount(ids % 3, minlength=3)
@@ -756,8 +788,10 @@ def predict_files(
     infer: InferSettings | None = None,
     post: PostSettings | None = None,
     on_result: Callable[[FileResult], None] | None = None,
+    mpp: float | None = None,
+    mpp_tolerance: float = 0.02,
 ) -> list[FileResult]:
-    """:func:`predict_file` on every path; a failure is recorded and the others go on.
+    """:func:`predict_file` on every path (all at ``mpp``); a failure is recorded and the others go on.
 
     Two inputs with the same file stem would write the same outputs: the later one fails with a message
     naming both instead of overwriting. ``on_result`` is called after each file (progress reporting).
@@ -772,7 +806,7 @@ def predict_files(
             result = FileResult(str(path), name, "failed", f"{path}: output name {name!r} already used by {used[name]}")
         else:
             try:
-                result = predict_file(predictor, path, out_dir, infer, post, name)
+                result = predict_file(predictor, path, out_dir, infer, post, name, mpp, mpp_tolerance)
                 used[name] = str(path)
             except Exception as exc:  # one bad image must not stop the batch; the error is reported
                 message = str(exc) if str(path) in str(exc) else f"{path}: {exc}"

@@ -10,10 +10,11 @@ tissue mask
     thumbnail's saturation clipped to ``[min_saturation, max_saturation]``: the floor keeps an all-glass slide,
     whose Otsu threshold falls inside its noise, empty; the ceiling keeps a slide that is all tissue (no glass
     to separate from, so Otsu splits pale from dark tissue) whole. Then:
-    pieces smaller than ``min_area_um2`` removed (dust), holes smaller than ``hole_area_um2`` filled (lumens,
-    fat), and the result dilated by ``dilation_um`` (a disk) so that nuclei at the edge of a section, which the
-    coarse thumbnail may miss, are inside. Areas and lengths are converted to thumbnail pixels with the
-    thumbnail's mpp. A user's mask (:func:`read_mask`) replaces the whole computation.
+    pieces smaller than ``min_area_um2`` (or 5% of the thumbnail, on images too small for that) removed (dust),
+    holes smaller than ``hole_area_um2`` filled (lumens, fat), and the result dilated by ``dilation_um`` (a
+    disk) so that nuclei at the edge of a section, which the coarse thumbnail may miss, are inside. Areas and
+    lengths are converted to thumbnail pixels with the thumbnail's mpp. A user's mask (:func:`read_mask`)
+    replaces the whole computation.
 """
 
 from __future__ import annotations
@@ -59,7 +60,9 @@ def detect_tissue(thumbnail: np.ndarray, mpp: float, settings: TissueSettings = 
     otsu = float(threshold_otsu(sat)) if sat.min() != sat.max() else 0.0
     mask = sat > min(max(otsu, settings.min_saturation), settings.max_saturation)
     pixel_area = mpp * mpp
-    mask = remove_small_objects(mask, max_size=max(0, math.ceil(settings.min_area_um2 / pixel_area) - 1))
+    # A slide no larger than a tile is all "dust" by the absolute size: never drop more than 5% of it by size.
+    min_area = min(settings.min_area_um2 / pixel_area, 0.05 * mask.size)
+    mask = remove_small_objects(mask, max_size=max(0, math.ceil(min_area) - 1))
     mask = remove_small_holes(mask, max_size=max(0, math.ceil(settings.hole_area_um2 / pixel_area) - 1))
     radius = round(settings.dilation_um / mpp)
     if radius > 0 and mask.any():

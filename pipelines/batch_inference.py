@@ -457,6 +457,7 @@ def batch_inference(
     force: bool = False,
     slide: dict[str, Any] | None = None,
     slide_mpp: float | None = None,
+    spatial: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Segment every image of ``input_dir`` into ``out_dir`` with ``model_uri``, skipping images already done.
 
@@ -468,7 +469,7 @@ def batch_inference(
     ``force``: replace existing outputs that nucleiseg did not write (see "Output safety").
     Slides in ``input_dir`` (``nucleiseg.wsi.is_slide``) go through :func:`pipelines.slide_inference.run_slides`
     with the ``slide`` settings (params section ``slide``) on the same kind of runner; ``slide_mpp`` is the
-    microns per pixel of slides whose metadata has none.
+    microns per pixel of slides whose metadata has none; ``spatial`` sets their spatial reports.
 
     Returns the summary also written to ``out_dir/batch_summary.json``: ``model`` (uri, identity, version,
     run id, created), ``settings``, counts (``inputs``, ``ok``, ``skipped``, ``failed``, ``nuclei``) and
@@ -502,6 +503,7 @@ def batch_inference(
     settings = {"infer": dict(infer_s.__dict__), "post": dict(post_s.__dict__)}
 
     files, problems = expand_inputs([source_dir])
+    from nucleiseg.spatial import settings_from as spatial_settings
     from nucleiseg.streaming import SlideSettings, slide_name, slide_output_paths
     from pipelines.slide_inference import run_slides, split_slides
 
@@ -591,6 +593,7 @@ def batch_inference(
         slide_entries[:] = run_slides(
             slide_runner, slides, out, _task_model(runner, predictor, resolved, device), predictor,
             resolved.as_dict(), infer_s, post_s, SlideSettings.from_mapping(slide or {}), slide_mpp, folder.record,
+            spatial_settings(spatial or {}),
         )  # fmt: skip
     summary = write_summary()
     create_markdown_artifact(
@@ -634,6 +637,7 @@ def flow_arguments(
         "force": force,
         "slide": params.slide.model_dump(),
         "slide_mpp": slide_mpp,
+        "spatial": params.spatial.model_dump(),
     }
 
 

@@ -10,6 +10,7 @@ from nucleiseg.cli import (  # noqa: F401  (importing registers the commands)
     preprocess,
     presets,
     schedule,
+    slide,
     spatial,
     synth,
     training,
