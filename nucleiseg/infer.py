@@ -744,6 +744,7 @@ def predict_file(
     """
     from nucleiseg.export import write_outputs
     from nucleiseg.io import read_image
+    from nucleiseg.measure import stain_matrix_of
     from nucleiseg.postprocess import postprocess
     from nucleiseg.wsi import rescale, resize_label
 
@@ -762,7 +763,10 @@ def predict_file(
     if seen is not image:
         label = resize_label(label, image.shape[:2])
     del seen
-    outputs = write_outputs(out_dir, name, image, label, mpp=mpp)
+    # Measured in the image's own pixels (at the model's scale when the image's is not given), with the stain
+    # vectors the model was trained with.
+    image_mpp = predictor.mpp if mpp is None else mpp
+    outputs = write_outputs(out_dir, name, image, label, mpp=image_mpp, stain_matrix=stain_matrix_of(predictor.stain))
     ids = np.flatnonzero(np.bincount(label.ravel()))  # present ids without sorting the whole image
     ids = ids[ids > 0]
     per_class = np.bincount(ids % 3, minlength=3)
