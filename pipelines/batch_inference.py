@@ -9,7 +9,11 @@ summary of what succeeded, what was skipped and what failed, and why::
 
 Per image ``NAME`` the outputs are those of :func:`nucleiseg.infer.predict_file` (``NAME_label.png``,
 ``NAME_overlay.png``, ``NAME.geojson``, ``NAME_nuclei.csv``; :func:`nucleiseg.export.output_paths`), each
-written atomically.
+written atomically, and its spatial report (``NAME_spatial.html``, ``NAME_spatial.json``;
+:mod:`nucleiseg.spatial_report`, settings ``spatial``), made by a ``spatial-report`` task from those outputs for
+every image predicted, and for a skipped image whose report is missing, changed or made with other settings. A
+report that cannot be made is a warning, never a failed image. When the flow runs inside an active MLflow run
+(``mlflow.start_run()`` around it), the reports are logged to that run as artifacts under ``spatial/``.
 
 Definitions
 -----------
@@ -368,6 +372,66 @@ def predict_image_task(
     return result.as_dict()
 
 
+@task(name="spatial-report", task_run_name="spatial-{name}", cache_policy=NO_CACHE, persist_result=False)
+def spatial_report_task(image_path: str, name: str, out_dir: str, spatial: Any, default_mpp: float) -> dict[str, Any]:
+    """Write ``NAME_spatial.html`` / ``.json`` from ``NAME_nuclei.csv``, ``NAME_label.png`` and the image (recorded
+    as owned); returns their paths, or ``{"error": ...}`` for a report that cannot be made. ``default_mpp``: the
+    scale of a table without rows (which carries no ``um_per_px``)."""
+    from nucleiseg.io import read_image
+    from nucleiseg.labels import read_label
+    from nucleiseg.measure import read_table
+    from nucleiseg.spatial_report import write_spatial_report
+
+    outputs = output_paths(out_dir, name)
+    try:
+        table = read_table(outputs["nuclei"])
+        mpp = float(table["um_per_px"].iloc[0]) if len(table) and "um_per_px" in table else default_mpp
+        paths = write_spatial_report(
+            table, out_dir, mpp=mpp, thumbnail=read_image(image_path), label=read_label(outputs["label"]),
+            settings=spatial, name=name,
+        )  # fmt: skip
+    except (ValueError, OSError) as exc:
+        error = _error_message(image_path, exc)
+        get_run_logger().warning(f"spatial report failed: {error}")
+        return {"error": error}
+    record_files(out_dir, paths.values())
+    return {key: str(path) for key, path in paths.items()}
+
+
+def report_current(out_dir: Path, name: str, spatial: Any) -> bool:
+    """Whether image ``name``'s spatial report exists as it was written, made with the settings ``spatial``."""
+    from dataclasses import asdict
+
+    from nucleiseg.spatial_report import report_paths
+
+    paths = report_paths(out_dir, name)
+    if not all(p.is_file() and is_owned(p) for p in paths.values()):
+        return False
+    try:
+        return json.loads(paths["json"].read_text(encoding="utf-8")).get("settings") == asdict(spatial)
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def log_reports_to_mlflow(out_dir: Path, names: list[str]) -> int:
+    """Log the spatial reports of images ``names`` to the active MLflow run, as artifacts under ``spatial/``;
+    returns how many files were logged (0 without an active run)."""
+    import sys
+
+    from nucleiseg.spatial_report import report_paths
+
+    mlflow = sys.modules.get("mlflow")  # not imported: no run can be active, and importing it takes seconds
+    if mlflow is None or mlflow.active_run() is None:
+        return 0
+    logged = 0
+    for name in names:
+        for path in report_paths(out_dir, name).values():
+            if path.is_file():
+                mlflow.log_artifact(str(path), artifact_path="spatial")
+                logged += 1
+    return logged
+
+
 # --- the flow ---------------------------------------------------------------------------------------
 
 
@@ -504,6 +568,7 @@ def batch_inference(
 
     files, problems = expand_inputs([source_dir])
     from nucleiseg.spatial import settings_from as spatial_settings
+    from nucleiseg.spatial_report import report_paths
     from nucleiseg.streaming import SlideSettings, slide_name, slide_output_paths
     from pipelines.slide_inference import run_slides, split_slides
 
@@ -519,6 +584,7 @@ def batch_inference(
     todo = [p for p in planned if p.entry is None]
     try:
         folder.claim([*(q.name for p in todo for q in output_paths(out, p.name).values()), SUMMARY_NAME,
+                      *(q.name for p in planned for q in report_paths(out, p.name).values()),
                       *(q.name for s in slides for q in slide_output_paths(out, slide_name(s)).values())])  # fmt: skip
     except OutputError as exc:
         raise BatchInferenceError(str(exc)) from None
@@ -587,6 +653,22 @@ def batch_inference(
                     failed = FileResult(str(item.path), item.name, "failed", error).as_dict()
                     item.entry = {**failed, "reason": item.reason}
 
+    spatial_s = spatial_settings(spatial or {})
+    done = [p for p in planned if p.entry is not None and p.entry.get("status") in _REUSABLE]
+    stale = [p for p in done if p.entry["status"] == "ok" or not report_current(out, p.name, spatial_s)]
+    if stale:
+        futures = spatial_report_task.map(
+            [str(p.path) for p in stale], [p.name for p in stale], unmapped(str(out)), unmapped(spatial_s),
+            unmapped(predictor.mpp),
+        )  # fmt: skip
+        wait(futures)
+        for item, future in zip(stale, futures, strict=True):
+            report = future.result(raise_on_failure=False)
+            item.entry["spatial_report"] = report if isinstance(report, dict) else {"error": str(report)}
+    logged = log_reports_to_mlflow(out, [p.name for p in done])
+    if logged:
+        logger.info(f"{logged} spatial report files logged to the active MLflow run (artifacts: spatial/)")
+
     if slides:
         write_summary()
         slide_runner = runner_obj if not todo else task_runner(runner, workers, dask_address)  # a runner runs once
@@ -651,9 +733,12 @@ __all__ = [
     "PlannedImage",
     "batch_inference",
     "flow_arguments",
+    "log_reports_to_mlflow",
     "plan_images",
     "read_previous_summary",
+    "report_current",
     "resolve_model",
+    "spatial_report_task",
     "summary_markdown",
     "task_runner",
     "up_to_date",
