@@ -48,7 +48,8 @@ def batch_command(
     """Segment every image of INPUT_DIR with the champion model (or --model), as a Prefect flow.
 
     Per image NAME it writes NAME_label.png, NAME_overlay.png, NAME.geojson and NAME_nuclei.csv (as
-    `nucleiseg predict`), and OUT_DIR/batch_summary.json: per image ok / skipped / failed and why, with the
+    `nucleiseg predict`), the spatial report NAME_spatial.html / .json (settings: spatial), and
+    OUT_DIR/batch_summary.json: per image ok / skipped / failed and why, with the
     model version used. Images already done by the same model version with the same settings, whose content
     (SHA-256) has not changed and whose outputs are as written, are skipped. A corrupt image fails alone; the
     exit code is 1 when any failed. MLflow URIs resolve against the params tracking store (or
