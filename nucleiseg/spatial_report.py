@@ -243,15 +243,21 @@ def plot_l_functions(result: SpatialResult) -> str:
         if np.all(np.isnan(curve)):
             ax.text(0.5, 0.5, "too few nuclei", transform=ax.transAxes, ha="center", va="center", color="0.5")
         else:
-            ax.fill_between(lf.radii, lf.low[i, j], lf.high[i, j], color="0.82", label=f"{lf.null} envelope")
-            ax.plot(lf.radii, curve, color=CLASS_HEX[i] if i == j else "black", linewidth=1.8, label="observed")
+            ax.fill_between(lf.radii, lf.low[i, j], lf.high[i, j], color="0.82")
+            ax.plot(lf.radii, curve, color=CLASS_HEX[i] if i == j else "black", linewidth=1.8)
             ax.text(0.03, 0.05, f"MAD test p = {lf.mad_p[i, j]:.3f}", transform=ax.transAxes, fontsize=8)
         name = CLASS_NAMES[i] if i == j else f"{CLASS_NAMES[i]} – {CLASS_NAMES[j]}"
         ax.set_title(name, fontsize=10)
         ax.set_xlabel("r (µm)")
         ax.set_ylabel("L(r) − r (µm)")
-    handles, labels = axes[0, 0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="outside lower center", ncols=2, frameon=False, fontsize=9)
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
+    handles = [
+        Patch(color="0.82", label=f"{lf.null} envelope ({lf.simulations} simulations)"),
+        Line2D([], [], color="black", linewidth=1.8, label="observed (in the class colour for one class)"),
+    ]
+    fig.legend(handles=handles, loc="outside lower center", ncols=2, frameon=False, fontsize=9)
     return _png(fig)
 
 
