@@ -188,7 +188,8 @@ def write_mosaic_slide(
     height, width = (size, size) if isinstance(size, int | np.integer) else (int(size[0]), int(size[1]))
     shapes = _level_shapes(height, width, factor, tile)
     if block % factor ** (len(shapes) - 1):
-        raise ValueError(f"block ({block}) must be divisible by {factor}^{len(shapes) - 1} for {len(shapes)} levels")
+        divisor = factor ** (len(shapes) - 1)
+        raise ValueError(f"block ({block}) must be divisible by {divisor} for the {len(shapes)} pyramid levels")
     if not sources:
         raise ValueError("need at least one source tile")
     rng = np.random.default_rng(seed)

@@ -147,3 +147,21 @@ def test_a_slide_stain_measured_once_maps_every_region_alike(method: str) -> Non
     assert np.abs(whole.astype(int) - reference.transform(image).astype(int)).max() <= 1
     pieces = np.concatenate([fixed.transform(image[:77]), fixed.transform(image[77:])])
     assert np.abs(pieces.astype(int) - whole.astype(int)).max() <= 1
+
+
+def test_synth_slide_command_writes_a_readable_slide(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from nucleiseg.cli import app
+
+    out = tmp_path / "synthetic.tif"
+    args = ["synth-slide", str(out), "--size", "1500", "--block", "256", "--sources", "2", "--tissue", "0.5"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    slide = open_slide(out)
+    assert slide.level_dimensions[0] == (1500, 1500) and slide.mpp == (0.25, 0.25)
+    assert "1500x1500 px at 0.25 um/px" in result.output
+    result = CliRunner().invoke(app, [*args[:2], "--size", "1500", "--block", "100"])
+    assert result.exit_code == 2 and "block (100) must be divisible by 16" in result.output
+    result = CliRunner().invoke(app, [*args, "--no-mpp"])
+    assert result.exit_code == 0 and open_slide(out).mpp is None
