@@ -538,6 +538,12 @@ def _build_predictor(
         raise ModelLoadError(f"{where}: mpp must be a positive number of microns per pixel, got {extras.get('mpp')!r}")
     import torch
 
+    tensors = (*model.named_parameters(), *model.named_buffers())
+    broken = [name for name, t in tensors if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if broken:  # NaN weights predict background everywhere: a silent "0 nuclei", not an error, without this
+        raise ModelLoadError(
+            f"{source}: non-finite weights (NaN or infinity) in {len(broken)} tensor(s): {broken[0]} ..."
+        )
     model.eval()
     # Converted once here, so that the tiling functions find the format in place and do not switch per image.
     model.to(resolve_device(device), memory_format=torch.channels_last)
@@ -647,17 +653,32 @@ def _load_checkpoint(path: Path, device: str, factory: Callable[..., Any] | None
     return _build_predictor(model, ckpt, device, str(path), str(path), info)
 
 
+class PickledModelWarning(UserWarning):
+    """An MLflow model was loaded: its network is a pickle, which runs whatever code it holds."""
+
+
 def _load_mlflow(uri: str, device: str) -> Predictor:
     import mlflow
     import mlflow.pytorch
-    from mlflow.exceptions import MlflowException
 
     torch_device = resolve_device(device)
+    folder = Path(uri)
     try:
-        info = mlflow.models.get_model_info(uri)
+        if not is_mlflow_uri(uri) and (folder / "MLmodel").is_file():
+            # A local folder: read its MLmodel file directly. get_model_info would look its logged-model id up in
+            # the tracking store (MLflow's default creates ./mlflow.db) and fail for a copied folder.
+            info = mlflow.models.Model.load(folder / "MLmodel")
+        else:
+            info = mlflow.models.get_model_info(uri)
+        warnings.warn(
+            f"{uri}: an MLflow model is a pickle, and loading it runs the code it holds; load only models from a "
+            "registry and artifact store you trust (README, Safety)",
+            PickledModelWarning,
+            stacklevel=3,
+        )
         model = mlflow.pytorch.load_model(uri, map_location=torch_device)
-    except (MlflowException, OSError) as exc:
-        raise ModelLoadError(f"{uri}: cannot load the MLflow model ({exc})") from None
+    except Exception as exc:  # MLflow, torch and pickle raise many types for a missing or corrupt model
+        raise ModelLoadError(f"{uri}: cannot load the MLflow model ({type(exc).__name__}: {exc})") from None
     try:
         model.eval()
     except NotImplementedError:
@@ -844,6 +865,7 @@ __all__ = [
     "FileResult",
     "InferSettings",
     "ModelLoadError",
+    "PickledModelWarning",
     "PostSettings",
     "Predictor",
     "axis_tiles",

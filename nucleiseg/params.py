@@ -23,7 +23,8 @@ class ParamsError(ValueError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: an infinite or NaN setting (`--set loss.w0=.inf`) is an error, never a value.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class SynthParams(_Section):
@@ -222,8 +223,16 @@ class EvalParams(_Section):
 
 class PromoteParams(_Section):
     model_name: str = "nucleiseg"
-    metric: str = "all.f1"
+    metric: str = "all.f1"  # a figure with a known direction (nucleiseg.registry.metric_direction), not a count
     tie_breaker: str = "all.dice"
+
+    @field_validator("metric", "tie_breaker")
+    @classmethod
+    def _known_direction(cls, v: str) -> str:
+        from nucleiseg.registry import metric_direction
+
+        metric_direction(v)  # ValueError for counts and unknown names
+        return v
 
 
 class TuneParams(_Section):
@@ -330,6 +339,38 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+class DuplicateKeyError(yaml.YAMLError):
+    """A YAML mapping holds the same key twice; the message names the key and both lines."""
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, except that a mapping holding the same key twice is an error (PyYAML keeps the last
+    one silently, so a forgotten duplicate in params.yaml would override the line above it unseen)."""
+
+
+def _unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        try:
+            first = seen.get(key)
+        except TypeError:  # an unhashable key: the base constructor reports it
+            break
+        if first is not None:
+            line = key_node.start_mark.line + 1
+            raise DuplicateKeyError(f"duplicate key {key!r} on line {line} (first on line {first + 1})")
+        seen[key] = key_node.start_mark.line
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+
+
+def read_yaml(text: str) -> Any:
+    """Parse YAML safely, refusing duplicate keys (:class:`yaml.YAMLError` names the line)."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader: no Python objects
+
+
 def apply_override(tree: dict[str, Any], assignment: str) -> None:
     """Apply one ``section.key=value`` override in place; the value is parsed as YAML."""
     if "=" not in assignment:
@@ -341,7 +382,10 @@ def apply_override(tree: dict[str, Any], assignment: str) -> None:
         node = node.setdefault(key, {})
         if not isinstance(node, dict):
             raise ParamsError(f"--set {assignment!r}: {key} is not a section")
-    node[keys[-1]] = yaml.safe_load(raw)
+    try:
+        node[keys[-1]] = read_yaml(raw)
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"--set {assignment!r}: not a valid YAML value ({exc})") from None
 
 
 def load_params(path: str | os.PathLike[str] | None = "params.yaml", overrides: list[str] | None = None) -> Params:
@@ -352,7 +396,9 @@ def load_params(path: str | os.PathLike[str] | None = "params.yaml", overrides: 
         if not p.is_file():
             raise ParamsError(f"{p}: params file not found")
         try:
-            tree = yaml.safe_load(p.read_text()) or {}
+            tree = read_yaml(p.read_text()) or {}
+        except DuplicateKeyError as exc:
+            raise ParamsError(f"{p}: {exc}") from None
         except yaml.YAMLError as exc:
             raise ParamsError(f"{p}: not valid YAML ({exc})") from exc
         if not isinstance(tree, dict):

@@ -8,14 +8,24 @@ Definitions (MLflow 3 registry, aliases only; stages are deprecated and never us
 - **challenger**: the alias of the most recently registered version, the candidate.
 - **champion**: the alias of the version batch inference serves (``models:/<name>@champion``).
 - **the gate** (:func:`promote_challenger`): the challenger takes ``champion`` only when its score on the current
-  test split beats the champion's on the same split: ``metric`` first, ``tie_breaker`` on a tie. Higher is better,
-  except for figures named in :data:`LOWER_IS_BETTER` (Hausdorff distance). A NaN score never beats a number, an
-  equal model never replaces the champion, and with no champion yet the challenger becomes champion. A version
-  whose figures come from another split is evaluated again, now, by the ``evaluate`` callable the caller supplies
-  (it receives ``models:/<name>/<version>`` and returns the nested summary of ``nucleiseg evaluate``); its tags are
-  updated and marked ``reevaluated.*``. Without an evaluator such a version cannot be compared and the champion
-  stays. The decision is recorded as ``promotion.*`` tags on the challenger, and the replaced champion is tagged
-  ``promotion.replaced_by``.
+  test split beats the champion's on the same split: ``metric`` first, ``tie_breaker`` on a tie. Only figures with
+  a known direction can decide (:func:`metric_direction`: F1, precision, recall, Dice, AJI, PQ, DQ, SQ, accuracy,
+  PQ+ and mPQ+ are better higher, the Hausdorff distance lower; counts such as ``all.fp`` are refused). A NaN score
+  never beats a number, an equal model never replaces the champion, and with no champion yet the challenger
+  becomes champion. A version whose figures come from another split is evaluated again, now, by the ``evaluate``
+  callable the caller supplies (it receives ``models:/<name>/<version>`` and returns the nested summary of
+  ``nucleiseg evaluate``); its tags are updated and marked ``reevaluated.*``. Without an evaluator such a version
+  cannot be compared and the champion stays. Before a version takes ``champion``, the ``check`` callable the caller
+  supplies (a smoke test: load the model, predict a tile) must pass. The decision is recorded as ``promotion.*``
+  tags on the challenger, and the replaced champion is tagged ``promotion.replaced_by``.
+- **a failed gate changes nothing**: the gate decides first (every evaluation, every check) and writes after, so an
+  evaluation or check that fails raises :class:`RegistryError` with every tag and alias as it was.
+- **one decision at a time**: registering a version and deciding on it (:func:`register_and_promote`), the gate and
+  a manual promotion hold an exclusive lock on the registry (:func:`registry_lock`: a lock file beside a local
+  SQLite or file store; for a remote tracking server, a lock file in the user's cache, which serialises the
+  registrations made from this machine only). Two registrations at once are thereby decided one after the other,
+  each against the champion the other left, and each on the version it registered (not on whichever holds
+  ``challenger`` at that moment).
 - **leakage**: a version records the images it was trained and validated on (tag ``trained_on``, when the
   names fit in a tag). Its score on a test split that holds any of them is not a test score: when the gate is
   given the current test images, a challenger that saw some of them is rejected, and a champion that saw some
@@ -28,14 +38,16 @@ current MLflow configuration (see :func:`nucleiseg.tracking.configure`).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlparse
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -44,8 +56,10 @@ if TYPE_CHECKING:
 CHALLENGER = "challenger"
 CHAMPION = "champion"
 METRIC_PREFIX = "test."
-# Figures where a smaller value is the better model (matched on the last dotted component).
+# Per-group figures of nucleiseg.metrics (groups all, tumor, lymphocyte, stroma) by the direction that is better.
+HIGHER_IS_BETTER = frozenset({"f1", "precision", "recall", "dice", "aji", "pq", "dq", "sq"})
 LOWER_IS_BETTER = frozenset({"hausdorff"})
+LOCK_TIMEOUT_S = 3600.0  # a gate that re-scores models on a large split can take long; beyond this, give up
 # Summary entries that are bookkeeping rather than figures; not copied to tags.
 _SKIPPED_KEYS = frozenset({"nan_skipped"})
 TRAINED_ON = "trained_on"
@@ -53,6 +67,7 @@ TRAINED_ON = "trained_on"
 TRAINED_ON_MAX_CHARS = 7500
 
 Evaluator = Callable[[str], Mapping[str, Any]]
+Checker = Callable[[str], None]  # a smoke test of the model at a URI; raises when it cannot serve
 
 
 class RegistryError(RuntimeError):
@@ -135,6 +150,57 @@ def lookup_metric(metrics: Mapping[str, Any], dotted: str) -> float:
     if isinstance(node, Mapping | list | str):
         raise KeyError(dotted)
     return float(node)
+
+
+def metric_direction(dotted: str) -> str:
+    """``"higher"`` or ``"lower"``: which value of the figure ``dotted`` (a key of the evaluation summary) is the
+    better model. Raises :class:`ValueError` for counts and unknown names: the gate must not guess."""
+    from nucleiseg.labels import CLASS_NAMES
+
+    group, _, figure = dotted.partition(".")
+    if dotted == "mpq_plus":
+        return "higher"
+    if group in ("all", *CLASS_NAMES) and figure in HIGHER_IS_BETTER | LOWER_IS_BETTER:
+        return "lower" if figure in LOWER_IS_BETTER else "higher"
+    if group == "classification" and figure in ("accuracy", *(f"accuracy_{c}" for c in CLASS_NAMES)):
+        return "higher"
+    if group == "pq_plus" and figure in CLASS_NAMES:
+        return "higher"
+    raise ValueError(
+        f"{dotted!r} is not a figure with a known direction (counts and unknown names cannot rank models); use "
+        f"<group>.<figure> with group all, {', '.join(CLASS_NAMES)} and figure {', '.join(sorted(HIGHER_IS_BETTER))}"
+        ", hausdorff (lower is better); classification.accuracy[_<class>]; pq_plus.<class>; or mpq_plus"
+    )
+
+
+def registry_lock_path(tracking_uri: str | None = None) -> Path:
+    """The lock file that serialises the registry's decisions (see "one decision at a time")."""
+    import mlflow
+
+    uri = tracking_uri or mlflow.get_registry_uri()
+    if uri.startswith("sqlite:///"):
+        database = Path(uri.removeprefix("sqlite:///"))
+        return database.with_name(database.name + ".gate.lock")
+    if uri.startswith("file:"):
+        return Path(urlparse(uri).path) / ".gate.lock"
+    if "://" not in uri and ":" not in uri.split("/", 1)[0]:  # a plain local path
+        return Path(uri) / ".gate.lock"
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "nucleiseg"
+    return cache / f"registry-{hashlib.sha256(uri.encode()).hexdigest()[:16]}.lock"
+
+
+@contextlib.contextmanager
+def registry_lock(tracking_uri: str | None = None, timeout: float = LOCK_TIMEOUT_S) -> Iterator[None]:
+    """Hold the registry's exclusive lock (:func:`registry_lock_path`) for one decision."""
+    from filelock import FileLock, Timeout
+
+    path = registry_lock_path(tracking_uri)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with FileLock(path, timeout=timeout):
+            yield
+    except Timeout:
+        raise RegistryError(f"{path}: the registry stayed locked for {timeout:.0f} s by another decision") from None
 
 
 def _client(tracking_uri: str | None) -> MlflowClient:
@@ -315,17 +381,32 @@ def registry_state(name: str, *, tracking_uri: str | None = None) -> dict[str, A
 # Promotion
 
 
+@dataclass
+class _Writes:
+    """Tag changes the gate decided on, applied only once the whole decision stands (see "a failed gate")."""
+
+    tags: list[tuple[str, str, str]] = field(default_factory=list)  # (version, key, value)
+    deleted: list[tuple[str, str]] = field(default_factory=list)  # (version, key)
+
+    def apply(self, client: MlflowClient, name: str) -> None:
+        for version, key in self.deleted:
+            client.delete_model_version_tag(name, version, key)
+        for version, key, value in self.tags:
+            client.set_model_version_tag(name, version, key, value)
+
+
 def _scores_now(
-    client: MlflowClient,
     name: str,
     mv: ModelVersion,
     keys: tuple[str, ...],
     current_split: str | None,
     evaluate: Evaluator | None,
+    writes: _Writes,
 ) -> tuple[dict[str, float] | None, bool]:
     """The figures of ``mv`` on the current split, evaluating it again when its split differs.
 
-    Returns ``(scores, reevaluated)``; ``scores`` is None when the split differs and there is no evaluator.
+    Returns ``(scores, reevaluated)``; ``scores`` is None when the split differs and there is no evaluator. The
+    new figures are added to ``writes``, not written. An evaluation that fails raises :class:`RegistryError`.
     """
     tags = dict(mv.tags)
     recorded_split = tags.get("split_hash")
@@ -334,24 +415,25 @@ def _scores_now(
     if evaluate is None:
         return None, False
     uri = f"models:/{name}/{mv.version}"
-    fresh = evaluate(uri)
+    try:
+        fresh = evaluate(uri)
+    except Exception as exc:  # loading and running a stored model can fail in any way; the gate must not
+        raise RegistryError(
+            f"cannot score {uri} on the current split {current_split} ({type(exc).__name__}: {exc}); "
+            "the gate changed nothing"
+        ) from None
     try:
         scores = {k: lookup_metric(fresh, k) for k in keys}
     except KeyError as exc:
         raise RegistryError(f"the evaluation of {uri} has no figure {exc.args[0]!r}") from None
     new_tags = flatten_metrics(fresh)
-    for key in tags:  # figures from the old split would mislead next to the new ones
-        if key.startswith(METRIC_PREFIX) and key not in new_tags:
-            client.delete_model_version_tag(name, str(mv.version), key)
+    version = str(mv.version)
+    # figures from the old split would mislead next to the new ones
+    writes.deleted += [(version, k) for k in tags if k.startswith(METRIC_PREFIX) and k not in new_tags]
     new_tags.update(
-        {
-            "split_hash": current_split,
-            "reevaluated.from_split": recorded_split or "unknown",
-            "reevaluated.time": _now(),
-        }
+        {"split_hash": current_split, "reevaluated.from_split": recorded_split or "unknown", "reevaluated.time": _now()}
     )
-    for key, value in new_tags.items():
-        client.set_model_version_tag(name, str(mv.version), key, value)
+    writes.tags += [(version, k, v) for k, v in new_tags.items()]
     return scores, True
 
 
@@ -359,7 +441,7 @@ def _compare(new: Mapping[str, float], old: Mapping[str, float], metric: str, ti
     """Whether ``new`` beats ``old`` (metric, then tie breaker), and in words why."""
     for key in dict.fromkeys((metric, tie_breaker)):
         a, b = new[key], old[key]
-        lower = key.rsplit(".", 1)[-1] in LOWER_IS_BETTER
+        lower = metric_direction(key) == "lower"
         if math.isnan(a) and math.isnan(b):
             continue
         if math.isnan(a):
@@ -391,9 +473,10 @@ def _record(
     decision: Decision,
     split: str | None,
     metric: str | None,
+    writes: _Writes,
     by: str | None = None,
 ) -> None:
-    """Write the decision as ``promotion.*`` tags on the challenger; tag a replaced champion."""
+    """Add the decision to ``writes``: ``promotion.*`` tags on the challenger; a replaced champion's tags."""
     now = _now()
     version = decision.challenger
     tags = {
@@ -408,17 +491,40 @@ def _record(
         tags["promotion.split_hash"] = split
     if by is not None:
         tags["promotion.by"] = by
-    for key, value in tags.items():
-        client.set_model_version_tag(name, version, key, value)
     # promotion.* tags from an earlier decision on this version would contradict this one; a rejected
     # version keeps the record that it once was replaced as champion.
     kept = set(tags) | (set() if decision.promoted else {"promotion.replaced_by", "promotion.replaced_time"})
     for key in client.get_model_version(name, version).tags:
         if key.startswith("promotion.") and key not in kept:
-            client.delete_model_version_tag(name, version, key)
+            writes.deleted.append((version, key))
+    writes.tags += [(version, key, value) for key, value in tags.items()]
     if decision.promoted and decision.champion_before is not None:
-        client.set_model_version_tag(name, decision.champion_before, "promotion.replaced_by", version)
-        client.set_model_version_tag(name, decision.champion_before, "promotion.replaced_time", now)
+        writes.tags += [
+            (decision.champion_before, "promotion.replaced_by", version),
+            (decision.champion_before, "promotion.replaced_time", now),
+        ]
+
+
+def _smoke_test(check: Checker | None, name: str, version: str) -> None:
+    if check is None:
+        return
+    uri = f"models:/{name}/{version}"
+    try:
+        check(uri)
+    except Exception as exc:  # a model that cannot serve, whatever the reason, must not take the alias
+        raise RegistryError(
+            f"{uri} failed its smoke test ({type(exc).__name__}: {exc}); it cannot take {CHAMPION!r}, "
+            "the gate changed nothing"
+        ) from None
+
+
+def _check_metrics(metric: str, tie_breaker: str) -> tuple[str, ...]:
+    for key in (metric, tie_breaker):
+        try:
+            metric_direction(key)
+        except ValueError as exc:
+            raise RegistryError(str(exc)) from None
+    return tuple(dict.fromkeys((metric, tie_breaker)))
 
 
 def promote_challenger(
@@ -429,23 +535,47 @@ def promote_challenger(
     evaluate: Evaluator | None = None,
     test_images: Sequence[str] | None = None,
     *,
+    version: str | int | None = None,
+    check: Checker | None = None,
     tracking_uri: str | None = None,
 ) -> Decision:
-    """Run the promotion gate on the ``challenger`` version of ``name`` (see the module docstring).
+    """Run the promotion gate on a version of ``name`` (see the module docstring), under the registry's lock.
 
-    ``split_hash`` is the current test split (None: trust the recorded figures without checking their split).
-    ``evaluate(model_uri) -> nested summary`` scores a version on the current split when its recorded split
-    differs. ``test_images`` (the current test split's image names) turns on the leakage check. The decision
-    is returned and recorded as ``promotion.*`` tags on the challenger.
+    ``version``: the version to decide on (default: the one holding ``challenger``). ``split_hash`` is the current
+    test split (None: trust the recorded figures without checking their split). ``evaluate(model_uri) -> nested
+    summary`` scores a version on the current split when its recorded split differs. ``test_images`` (the current
+    test split's image names) turns on the leakage check. ``check(model_uri)`` smoke-tests a version before it
+    takes ``champion``. The decision is returned and recorded as ``promotion.*`` tags on the challenger; when
+    anything fails, :class:`RegistryError` is raised and nothing is written.
     """
-    client = _client(tracking_uri)
-    challenger = _by_alias(client, name, CHALLENGER)
-    if challenger is None:
-        raise RegistryError(f"registered model {name!r} has no {CHALLENGER!r} version; run `nucleiseg register`")
+    with registry_lock(tracking_uri):
+        return _gate(
+            _client(tracking_uri), name, metric, tie_breaker, split_hash, evaluate, test_images, version, check
+        )
+
+
+def _gate(
+    client: MlflowClient,
+    name: str,
+    metric: str,
+    tie_breaker: str,
+    split_hash: str | None,
+    evaluate: Evaluator | None,
+    test_images: Sequence[str] | None,
+    version: str | int | None,
+    check: Checker | None,
+) -> Decision:
+    """:func:`promote_challenger` with the lock held: decide, then write."""
+    keys = _check_metrics(metric, tie_breaker)
+    if version is None:
+        challenger = _by_alias(client, name, CHALLENGER)
+        if challenger is None:
+            raise RegistryError(f"registered model {name!r} has no {CHALLENGER!r} version; run `nucleiseg register`")
+    else:
+        challenger = _version(client, name, version)
     champion = _by_alias(client, name, CHAMPION)
     new_v = str(challenger.version)
     old_v = None if champion is None else str(champion.version)
-    keys = tuple(dict.fromkeys((metric, tie_breaker)))
     uses_recorded = split_hash is None or challenger.tags.get("split_hash") == split_hash
     if uses_recorded and METRIC_PREFIX + metric not in challenger.tags:
         recorded = sorted(k.removeprefix(METRIC_PREFIX) for k in challenger.tags if k.startswith(METRIC_PREFIX))
@@ -456,6 +586,7 @@ def promote_challenger(
         scores = {"challenger": {k: _tag_score(challenger.tags, k) for k in keys}}
         return Decision(False, new_v, old_v, f"v{new_v} already is the champion", scores, "unchanged")
 
+    writes = _Writes()
     tested = None if test_images is None else frozenset(test_images)
     new_leak = _leaked(challenger, tested)
     old_leak = [] if champion is None else _leaked(champion, tested)
@@ -470,9 +601,10 @@ def promote_challenger(
             {},
             "rejected",
         )
-        _record(client, name, decision, split_hash, metric)
+        _record(client, name, decision, split_hash, metric, writes)
+        writes.apply(client, name)
         return decision
-    new_scores, new_re = _scores_now(client, name, challenger, keys, split_hash, evaluate)
+    new_scores, new_re = _scores_now(name, challenger, keys, split_hash, evaluate, writes)
     reevaluated = (new_v,) if new_re else ()
     figures = new_scores or {k: _tag_score(challenger.tags, k) for k in keys}  # when no comparison is needed
     if old_leak:
@@ -499,7 +631,7 @@ def promote_challenger(
             reevaluated,
         )
     else:
-        old_scores, old_re = _scores_now(client, name, champion, keys, split_hash, evaluate)
+        old_scores, old_re = _scores_now(name, champion, keys, split_hash, evaluate, writes)
         reevaluated += (old_v,) if old_re else ()
         stale = [
             f"v{mv.version} was scored on split {mv.tags.get('split_hash', 'unknown')}"
@@ -532,44 +664,98 @@ def promote_challenger(
                 reevaluated,
             )
     if decision.promoted:
+        _smoke_test(check, name, new_v)
+    _record(client, name, decision, split_hash, metric, writes)
+    # Everything is decided: now write, figures first, the alias last of the decision's facts.
+    writes.apply(client, name)
+    if decision.promoted:
         client.set_registered_model_alias(name, CHAMPION, new_v)
-    _record(client, name, decision, split_hash, metric)
     return decision
 
 
+def register_and_promote(
+    model_uri: str,
+    name: str,
+    test_metrics: Mapping[str, Any],
+    dataset_hash: str,
+    split_hash: str,
+    git_commit: str | None,
+    params_hash: str,
+    run_id: str | None = None,
+    trained_on: Sequence[str] | None = None,
+    *,
+    metric: str = "all.f1",
+    tie_breaker: str = "all.dice",
+    evaluate: Evaluator | None = None,
+    test_images: Sequence[str] | None = None,
+    check: Checker | None = None,
+    tracking_uri: str | None = None,
+) -> tuple[str, Decision]:
+    """:func:`register_model` then the gate on that very version, as one decision under the registry's lock.
+
+    ``test_metrics`` must be the figures the caller measured itself on the split of ``split_hash`` (``nucleiseg
+    register`` scores the model it registers). Returns ``(version, decision)``.
+    """
+    _check_metrics(metric, tie_breaker)
+    with registry_lock(tracking_uri):
+        version = register_model(
+            model_uri, name, test_metrics, dataset_hash, split_hash, git_commit, params_hash, run_id, trained_on,
+            tracking_uri=tracking_uri,
+        )  # fmt: skip
+        decision = _gate(
+            _client(tracking_uri), name, metric, tie_breaker, split_hash, evaluate, test_images, version, check
+        )
+    return version, decision
+
+
 def promote_version(
-    name: str, version: str | int, reason: str = "manual", *, tracking_uri: str | None = None
+    name: str,
+    version: str | int,
+    reason: str = "manual",
+    *,
+    check: Checker | None = None,
+    tracking_uri: str | None = None,
 ) -> Decision:
-    """Deliberately make ``version`` the champion, bypassing the gate; recorded as ``promotion.decision=manual``
-    with ``reason`` and, when the ``USER`` environment variable is set, ``promotion.by``."""
-    client = _client(tracking_uri)
-    mv = _version(client, name, version)
-    new_v = str(mv.version)
-    champion = _by_alias(client, name, CHAMPION)
-    old_v = None if champion is None else str(champion.version)
-    if old_v == new_v:
-        return Decision(False, new_v, old_v, f"v{new_v} already is the champion", {}, "unchanged")
-    by = os.environ.get("USER") or None
-    who = f" by {by}" if by else ""
-    replaced = f", replacing v{old_v}" if old_v else ""
-    decision = Decision(True, new_v, old_v, f"manual promotion{who}{replaced}: {reason}", {}, "manual")
-    client.set_registered_model_alias(name, CHAMPION, new_v)
-    _record(client, name, decision, None, None, by=by)
+    """Deliberately make ``version`` the champion, bypassing the comparison (not the smoke test ``check``);
+    recorded as ``promotion.decision=manual`` with ``reason`` and, when ``USER`` is set, ``promotion.by``."""
+    with registry_lock(tracking_uri):
+        client = _client(tracking_uri)
+        mv = _version(client, name, version)
+        new_v = str(mv.version)
+        champion = _by_alias(client, name, CHAMPION)
+        old_v = None if champion is None else str(champion.version)
+        if old_v == new_v:
+            return Decision(False, new_v, old_v, f"v{new_v} already is the champion", {}, "unchanged")
+        _smoke_test(check, name, new_v)
+        by = os.environ.get("USER") or None
+        who = f" by {by}" if by else ""
+        replaced = f", replacing v{old_v}" if old_v else ""
+        decision = Decision(True, new_v, old_v, f"manual promotion{who}{replaced}: {reason}", {}, "manual")
+        writes = _Writes()
+        _record(client, name, decision, None, None, writes, by=by)
+        writes.apply(client, name)
+        client.set_registered_model_alias(name, CHAMPION, new_v)
     return decision
 
 
 __all__ = [
     "CHALLENGER",
     "CHAMPION",
+    "HIGHER_IS_BETTER",
     "LOWER_IS_BETTER",
+    "Checker",
     "Decision",
     "Evaluator",
     "RegistryError",
     "flatten_metrics",
     "lookup_metric",
+    "metric_direction",
     "promote_challenger",
     "promote_version",
+    "register_and_promote",
     "register_model",
+    "registry_lock",
+    "registry_lock_path",
     "registry_state",
     "split_hash",
 ]

@@ -56,3 +56,32 @@ def test_flat_and_digest_are_stable():
     assert a.flat()["train.lr"] == 1e-4
     assert a.digest() == b.digest()
     assert load_params(None, ["train.seed=1"]).digest() != a.digest()
+
+
+@pytest.mark.parametrize("override", ["loss.w0=.inf", "train.lr=.nan", "augmentation.scale=[1.0, .inf]"])
+def test_non_finite_settings_are_refused(override):
+    key = override.split("=")[0]
+    with pytest.raises(ParamsError, match=rf"{key}.*finite"):
+        load_params(None, [override])
+
+
+def test_duplicate_keys_are_refused_naming_the_lines(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("loss:\n  w0: 10.0\n  sigma: 5.0\n  w0: 1.0\n")
+    with pytest.raises(ParamsError, match=r"params\.yaml: duplicate key 'w0' on line 4 \(first on line 2\)"):
+        load_params(path)
+    with pytest.raises(ParamsError, match="duplicate key 'w0'"):
+        load_params(None, ["loss={w0: 1, w0: 2}"])
+
+
+@pytest.mark.parametrize(
+    "metric", ["all.fp", "all.n_pred", "tumor.tp", "n_images", "all.f2", "classification.confusion"]
+)
+def test_promotion_metric_needs_a_known_direction(metric):
+    with pytest.raises(ParamsError, match=rf"promote\.metric.*{metric}.*known direction"):
+        load_params(None, [f"promote.metric={metric}"])
+
+
+def test_promotion_metric_of_either_direction_is_accepted():
+    params = load_params(None, ["promote.metric=all.hausdorff", "promote.tie_breaker=mpq_plus"])
+    assert (params.promote.metric, params.promote.tie_breaker) == ("all.hausdorff", "mpq_plus")

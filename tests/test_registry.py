@@ -16,7 +16,6 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from typer.testing import CliRunner
 
 from nucleiseg import registry, tracking
 from nucleiseg.registry import CHALLENGER, CHAMPION, Decision, RegistryError
@@ -373,74 +372,3 @@ def test_errors_name_the_problem(store: Store) -> None:
     _register(store, name, 0.5)
     with pytest.raises(RegistryError, match=r"'all\.f2'"):
         _gate(store, name, metric="all.f2")
-
-
-# ----------------------------------------------------------------------------------------------------
-# Command line
-
-
-def _cli_files(tmp: Path, store: Store, f1: float) -> list[str]:
-    model_dir, data_dir = tmp / "models", tmp / "data"
-    model_dir.mkdir(exist_ok=True)
-    data_dir.mkdir(exist_ok=True)
-    (model_dir / "model_uri").write_text(store.model_uri)
-    (data_dir / "tile_1.png").write_bytes(b"not really a png, hashed as bytes")
-    (tmp / "splits.json").write_text('{"train": ["a"], "val": ["b"], "test": ["tile_1"]}')
-    (tmp / "metrics.json").write_text(json.dumps({"images": {}, "summary": _summary(f1)}))
-    return [
-        "--model-dir", str(model_dir), "--data-dir", str(data_dir),
-        "--splits", str(tmp / "splits.json"), "--metrics", str(tmp / "metrics.json"),
-    ]  # fmt: skip
-
-
-def test_cli_register_and_promote(store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from nucleiseg.cli import app
-
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    params = tmp_path / "params.yaml"
-    params.write_text("{}\n")
-    common = [
-        "--params", str(params),
-        "--set", f"tracking.uri={store.uri}",
-        "--set", f"tracking.artifacts={store.root / 'artifacts'}",
-        "--set", "promote.model_name=cli-model",
-    ]  # fmt: skip
-    out = tmp_path / "reports" / "registry.json"
-    runner = CliRunner()
-
-    result = runner.invoke(app, ["register", *common, *_cli_files(tmp_path, store, 0.7), "--out", str(out)])
-    assert result.exit_code == 0, result.output
-    report = json.loads(out.read_text())
-    assert report["version"] == "1" and report["aliases"] == {CHALLENGER: "1", CHAMPION: "1"}
-    assert report["decision"]["decision"] == "promoted" and report["split_hash"] == registry.split_hash(
-        tmp_path / "splits.json"
-    )
-    tags = _tags(store, "cli-model", "1")
-    assert tags["dataset_hash"] == tracking.dataset_hash(tmp_path / "data") and tags["test.all.f1"] == "0.7"
-    assert tags["trained_on"] == "a,b"  # train + val of splits.json, for the gate's leakage check
-
-    result = runner.invoke(app, ["register", *common, *_cli_files(tmp_path, store, 0.5), "--out", str(out)])
-    assert result.exit_code == 0, result.output
-    report = json.loads(out.read_text())
-    assert report["version"] == "2" and report["aliases"] == {CHALLENGER: "2", CHAMPION: "1"}
-    assert report["decision"]["decision"] == "rejected" and "rejected" in result.output
-
-    result = runner.invoke(app, ["promote", *common, "--version", "2", "--reason", "reviewed overlays"])
-    assert result.exit_code == 0, result.output
-    assert "manual" in result.output and _aliases(store, "cli-model")[CHAMPION] == "2"
-    assert _tags(store, "cli-model", "2")["promotion.decision"] == "manual"
-
-    gate_out = tmp_path / "gate.json"
-    result = runner.invoke(app, ["promote", *common, "--splits", str(tmp_path / "splits.json"), "--out", str(gate_out)])
-    assert result.exit_code == 0, result.output
-    assert json.loads(gate_out.read_text())["decision"]["decision"] == "unchanged"  # challenger v2 is champion
-
-    before = out.read_text()
-    args = ["register", *common, *_cli_files(tmp_path, store, 0.5)[:-2], "--metrics", str(tmp_path / "bad.json")]
-    (tmp_path / "bad.json").write_text("{not json")
-    result = runner.invoke(app, [*args, "--out", str(out)])
-    assert result.exit_code == 1 and "bad.json" in result.output
-    assert out.read_text() == before  # the earlier report is untouched
-
-    result = runner.invoke(app, ["promote", *common, "--version", "7"])
-    assert result.exit_code == 1 and "no version 7" in result.output
