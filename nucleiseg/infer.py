@@ -689,8 +689,19 @@ def _load_mlflow(uri: str, device: str) -> Predictor:
         ) from None
     metadata = dict(info.metadata or {})
     record = {k: v for k, v in metadata.items() if k != "stain"}
-    record.update(run_id=info.run_id, model_uri=uri)
+    record.update(run_id=info.run_id, model_uri=uri, model_uuid=info.model_uuid)
     return _build_predictor(model, metadata, device, f"{uri} (metadata)", uri, record)
+
+
+def model_identity(predictor: Predictor) -> str:
+    """What a predictor's outputs were computed with, to tell whether earlier outputs can be reused: a
+    checkpoint's content (SHA-256), or an MLflow model's ``model_uuid`` (unique to each saved model, whatever URI
+    or alias reached it)."""
+    from nucleiseg.outputs import file_sha256
+
+    if predictor.info.get("model_uuid"):
+        return f"mlflow:{predictor.info['model_uuid']}"
+    return f"sha256:{file_sha256(predictor.source)}"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -873,6 +884,7 @@ __all__ = [
     "is_mlflow_uri",
     "iter_tile_probabilities",
     "load_predictor",
+    "model_identity",
     "predict_classes",
     "predict_file",
     "predict_files",

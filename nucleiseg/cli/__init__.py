@@ -16,10 +16,11 @@ from nucleiseg.cli import (  # noqa: F401  (importing registers the commands)
     training,
     weightmap,
 )
-from nucleiseg.cli.app import app
+from nucleiseg.cli.app import app, exit_on_sigterm
 
 
 def main() -> None:
+    exit_on_sigterm()
     app()
 
 

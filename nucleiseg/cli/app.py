@@ -8,6 +8,7 @@ heavy libraries (torch, Great Expectations, MLflow, Prefect) inside the command 
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 from typing import Annotated
 
@@ -47,6 +48,17 @@ def prefect_env() -> None:
     """Defaults for Prefect's ephemeral API, which starts in a subprocess: time for a loaded machine, offline."""
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "60")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+
+def exit_on_sigterm() -> None:
+    """Make SIGTERM (``kill``, a scheduler stopping a job) exit like Ctrl-C: ``finally`` blocks and ``atexit``
+    handlers run, so temporary files are removed, summaries say what is pending and Prefect's ephemeral API
+    server is stopped instead of left running. Python's default for SIGTERM ends the process without any of it."""
+
+    def _exit(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, _exit)
 
 
 def fail(message: str, code: int = 1) -> None:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -33,6 +34,12 @@ def predict(
     params: ParamsOption = DEFAULT_PARAMS,
     set_: SetOption = None,
     force: ForceOption = False,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            "--resume", help="Keep the outputs an earlier (e.g. killed) run left in OUT for unchanged inputs."
+        ),
+    ] = False,
 ) -> None:
     """Segment and classify the nuclei of every input image.
 
@@ -50,6 +57,10 @@ def predict(
 
     OUT must be apart from the inputs (not one of them, inside one, or holding one); an existing output that
     nucleiseg did not write is replaced only with --force. All of this is checked before any work.
+
+    summary.json is rewritten after every image (inputs not yet done are listed as pending), so a killed run
+    says how far it got; --resume then keeps the outputs of every input done with the same model and settings
+    whose content has not changed since, and predicts the rest.
     """
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -64,12 +75,13 @@ def predict(
         expand_inputs,
         is_mlflow_uri,
         load_predictor,
+        model_identity,
         predict_files,
         settings_from,
         summarize,
     )
     from nucleiseg.io import write_json_atomic
-    from nucleiseg.outputs import OutputError, OutputFolder
+    from nucleiseg.outputs import OutputError, OutputFolder, file_sha256
 
     # The default params.yaml is optional (predict runs outside the project too); an explicit one is not.
     settings = read_params(params if (params != DEFAULT_PARAMS or params.is_file()) else None, set_)
@@ -100,6 +112,34 @@ def predict(
     except (ModelLoadError, ValueError) as exc:  # ValueError: an unavailable --device
         fail(str(exc))
 
+    identity = model_identity(predictor)
+    run_settings = {"infer": infer.__dict__, "post": post.__dict__, "mpp": mpp}
+    hashes = {f: _sha256_or_none(f, file_sha256) for f in files}
+    done: list[FileResult] = list(problems)
+    if resume:
+        done += _resumable(out / SUMMARY_NAME, identity, run_settings, hashes)
+    reused = {Path(r.input) for r in done if r.status == "ok"}
+    todo = [f for f in files if f not in reused]
+
+    def write_summary(remaining: list[Path]) -> dict[str, Any]:
+        summary = summarize(
+            done,
+            model=model,
+            model_identity=identity,
+            device=predictor.device,
+            infer=infer.__dict__,
+            post=post.__dict__,
+            stain=None if predictor.stain is None else predictor.stain.method,
+            mpp=mpp,
+            model_mpp=predictor.mpp,
+        )
+        for entry in summary["results"]:
+            entry["input_sha256"] = hashes.get(Path(entry["input"]))
+        summary["pending"] = [str(p) for p in remaining]
+        write_json_atomic(out / SUMMARY_NAME, summary)
+        folder.record([out / SUMMARY_NAME])
+        return summary
+
     console = Console(stderr=True)
     with Progress(
         TextColumn("[progress.description]{task.description}"),
@@ -109,29 +149,28 @@ def predict(
         console=console,
         transient=False,
     ) as progress:
-        task = progress.add_task("predicting", total=len(files))
+        task = progress.add_task("predicting", total=len(files), completed=len(files) - len(todo))
+        new: list[FileResult] = []
 
         def advance(result: FileResult) -> None:
             if result.status == "ok":
                 folder.record(result.outputs.values())
+            new.append(result)
+            done.append(result)
+            write_summary(todo[len(new) :])
             progress.update(task, advance=1, description=Path(result.input).name)
 
-        results = problems + predict_files(
-            predictor, files, out, infer, post, on_result=advance, mpp=mpp, mpp_tolerance=settings.slide.mpp_tolerance
-        )
-
-    summary = summarize(
-        results,
-        model=model,
-        device=predictor.device,
-        infer=infer.__dict__,
-        post=post.__dict__,
-        stain=None if predictor.stain is None else predictor.stain.method,
-        mpp=mpp,
-        model_mpp=predictor.mpp,
-    )
-    write_json_atomic(out / SUMMARY_NAME, summary)
-    folder.record([out / SUMMARY_NAME])
+        write_summary(todo)
+        try:
+            predict_files(
+                predictor, todo, out, infer, post, on_result=advance, mpp=mpp,
+                mpp_tolerance=settings.slide.mpp_tolerance,
+            )  # fmt: skip
+        except (KeyboardInterrupt, SystemExit):
+            typer.secho(f"interrupted: {len(todo) - len(new)} input(s) pending; --resume goes on", err=True)
+            raise
+    results = done
+    summary = write_summary([])
 
     table = Table(title=f"nucleiseg predict -> {out}")
     for column in ("input", "status", "nuclei", "tumor", "lymph", "stroma", "s"):
@@ -150,3 +189,39 @@ def predict(
     )
     if n_failed:
         raise typer.Exit(1)
+
+
+def _sha256_or_none(path: Path, digest: Callable[[Path], str]) -> str | None:
+    try:
+        return digest(path)
+    except OSError:  # unreadable: its prediction fails and says why
+        return None
+
+
+def _resumable(
+    summary_path: Path, identity: str, settings: dict[str, Any], hashes: dict[Path, str | None]
+) -> list[Any]:
+    """The results of an earlier run's summary that --resume keeps: inputs done (``ok``) by the same model
+    (:func:`nucleiseg.infer.model_identity`) with the same settings, whose content is unchanged and whose
+    outputs are still as written (owned, :mod:`nucleiseg.outputs`)."""
+    import json
+
+    from nucleiseg.infer import FileResult
+    from nucleiseg.outputs import is_owned
+
+    try:
+        previous = json.loads(summary_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    same = {"infer": previous.get("infer"), "post": previous.get("post"), "mpp": previous.get("mpp")}
+    if previous.get("model_identity") != identity or same != json.loads(json.dumps(settings)):
+        return []
+    by_input = {Path(p): sha for p, sha in hashes.items() if sha is not None}
+    kept = []
+    for entry in previous.get("results", []):
+        path = Path(entry.get("input", ""))
+        if entry.get("status") != "ok" or by_input.get(path) != entry.get("input_sha256"):
+            continue
+        if entry.get("outputs") and all(is_owned(p) for p in entry["outputs"].values()):
+            kept.append(FileResult(**{k: v for k, v in entry.items() if k in FileResult.__dataclass_fields__}))
+    return kept
