@@ -29,7 +29,10 @@ normalised float32) and one batch of tiles live at once besides the output. :fun
 argmax map (``uint8``, 1 byte per pixel), which is all the post-processing needs: :func:`predict_label` on a
 10000 x 10000 image peaks at about 2 GiB of resident memory, image and Python included (about 10 bytes per
 pixel, mostly the post-processing's int32 maps). :func:`predict_probabilities` returns the full ``(5, H, W)``
-maps (20 bytes per pixel in float32, 10 in float16) for callers that need them.
+maps (20 bytes per pixel in float32, 10 in float16) for callers that need them. A model's stain normalisation
+streams too (:meth:`Predictor.stain_transform`): the image's stain is measured in blocks of rows, and each strip
+is normalised in float32 as it is cut, so no normalised or float copy of the image exists (benchmarks/README.md,
+bench_predict_memory.py).
 
 Loading a trained model is :func:`load_predictor` (checkpoint file or MLflow model URI); running it on files
 and writing the outputs is :func:`predict_file` / :func:`predict_files`.
@@ -215,8 +218,12 @@ def _iter_batches(
     tta: bool,
     device: str | torch.device,
     channels_last: bool | None,
+    transform: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> Iterator[tuple[AxisTile, list[AxisTile], torch.Tensor]]:
-    """Yield ``(row tile, column tiles, probs (B, C, tile, tile))`` batch by batch, one row of tiles at a time."""
+    """Yield ``(row tile, column tiles, probs (B, C, tile, tile))`` batch by batch, one row of tiles at a time.
+
+    ``transform`` (a pixel-wise map of RGB uint8, e.g. a stain normaliser) is applied to each strip of tiles as
+    it is cut, so the transformed image never exists whole."""
     import torch
 
     image = _check_image(image)
@@ -246,6 +253,8 @@ def _iter_batches(
             for rt in row_tiles:
                 rows = reflect_indices(np.arange(rt.start, rt.start + tile), height)
                 strip_u8 = image[rows][:, col_index]  # (tile, padded_width, 3) uint8, reflect-padded
+                if transform is not None:  # pixel-wise: the same as transforming the image, then padding
+                    strip_u8 = transform(strip_u8)
                 strip = torch.from_numpy(strip_u8).to(device).permute(2, 0, 1).float()
                 strip = strip.mul_(scale).add_(shift)  # normalised once per strip, not per overlapping tile
                 for b in range(0, len(col_tiles), batch_size):
@@ -296,6 +305,7 @@ def iter_tile_probabilities(
     tta: bool = False,
     device: str | torch.device = "cpu",
     channels_last: bool | None = None,
+    transform: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> Iterator[tuple[slice, slice, torch.Tensor]]:
     """Yield ``(rows, cols, probs)``: the kept part of every tile, in raster order of the tiles.
 
@@ -304,9 +314,11 @@ def iter_tile_probabilities(
     results (e.g. to disk) without holding any full-size map.
     The model is moved to ``device`` and put in eval mode (and channels_last) for the duration; its mode
     and memory format are restored afterwards. ``channels_last`` (None: on) sets the memory format of tiles and
-    weights.
+    weights. ``transform``: a pixel-wise map applied to each strip of tiles before the network (a stain
+    normaliser, :meth:`Predictor.stain_transform`).
     """
-    for rt, cts, probs in _iter_batches(model, image, mean, std, tile, overlap, batch_size, tta, device, channels_last):
+    batches = _iter_batches(model, image, mean, std, tile, overlap, batch_size, tta, device, channels_last, transform)
+    for rt, cts, probs in batches:
         for ct, p in zip(cts, probs, strict=True):
             rows, cols, tile_rows, tile_cols = _kept(rt, ct)
             yield rows, cols, p[:, tile_rows, tile_cols]
@@ -324,6 +336,7 @@ def predict_probabilities(
     device: str | torch.device = "cpu",
     dtype: np.dtype | type = np.float32,
     channels_last: bool | None = None,
+    transform: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> np.ndarray:
     """The softmax probabilities ``(C, H, W)`` of an RGB ``uint8`` image of any size, by tiled prediction.
 
@@ -334,7 +347,7 @@ def predict_probabilities(
     image = _check_image(image)
     out: np.ndarray | None = None
     for rows, cols, p in iter_tile_probabilities(
-        model, image, mean, std, tile, overlap, batch_size, tta, device, channels_last
+        model, image, mean, std, tile, overlap, batch_size, tta, device, channels_last, transform
     ):
         if out is None:
             out = np.empty((p.shape[0], *image.shape[:2]), dtype=dtype)
@@ -354,15 +367,17 @@ def predict_classes(
     tta: bool = False,
     device: str | torch.device = "cpu",
     channels_last: bool | None = None,
+    transform: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> np.ndarray:
     """The per-pixel argmax of the (TTA-averaged) probabilities, ``uint8`` ``(H, W)`` with values 0-4.
 
     Equal to ``predict_probabilities(...).argmax(0)`` but memory-bounded: 1 byte per pixel plus one strip
-    of tiles, whatever the image size.
+    of tiles, whatever the image size. ``transform``: as for :func:`iter_tile_probabilities`.
     """
     image = _check_image(image)
     out = np.empty(image.shape[:2], dtype=np.uint8)
-    for rt, cts, probs in _iter_batches(model, image, mean, std, tile, overlap, batch_size, tta, device, channels_last):
+    batches = _iter_batches(model, image, mean, std, tile, overlap, batch_size, tta, device, channels_last, transform)
+    for rt, cts, probs in batches:
         classes = _argmax_channels(probs).cpu().numpy()
         for ct, c in zip(cts, classes, strict=True):
             rows, cols, tile_rows, tile_cols = _kept(rt, ct)
@@ -460,10 +475,23 @@ class Predictor:
     info: dict[str, Any] = field(default_factory=dict)
     mpp: float = DEFAULT_MODEL_MPP
 
+    def stain_transform(self, image: np.ndarray) -> Callable[[np.ndarray], np.ndarray] | None:
+        """The fitted stain normalisation of ``image``, as a pixel-wise map to apply region by region (None: no
+        stain step). The image's own stain is measured on the whole image, in blocks
+        (:func:`nucleiseg.stain.image_normalizer`), so the result equals the tile method on the whole image
+        (within one intensity level) in the memory of one block."""
+        if self.stain is None:
+            return None
+        from nucleiseg.stain import image_normalizer
+
+        normalizer = image_normalizer(self.stain, image)
+        return None if normalizer is None else normalizer.transform
+
     def prepare(self, image: np.ndarray) -> np.ndarray:
         """The image as the network expects it before channel normalisation (stain-normalised if fitted)."""
         image = _check_image(image)
-        return image if self.stain is None else self.stain.transform(image)
+        transform = self.stain_transform(image)
+        return image if transform is None else transform(image)
 
     def _infer(self, overrides: Mapping[str, Any]) -> InferSettings:
         values = {k: v for k, v in overrides.items() if v is not None}
@@ -472,17 +500,20 @@ class Predictor:
     def probabilities(self, image: np.ndarray, dtype: np.dtype | type = np.float32, **infer: Any) -> np.ndarray:
         """Softmax maps ``(5, H, W)``; ``infer`` overrides tile, overlap, batch_size, tta."""
         s = self._infer(infer)
+        image = _check_image(image)
         return predict_probabilities(
-            self.model, self.prepare(image), self.mean, self.std, s.tile, s.overlap, s.batch_size, s.tta,
-            self.device, dtype,
+            self.model, image, self.mean, self.std, s.tile, s.overlap, s.batch_size, s.tta, self.device, dtype,
+            transform=self.stain_transform(image),
         )  # fmt: skip
 
     def classes(self, image: np.ndarray, **infer: Any) -> np.ndarray:
         """Argmax map ``(H, W)`` uint8; ``infer`` overrides tile, overlap, batch_size, tta."""
         s = self._infer(infer)
+        image = _check_image(image)
         return predict_classes(
-            self.model, self.prepare(image), self.mean, self.std, s.tile, s.overlap, s.batch_size, s.tta, self.device
-        )
+            self.model, image, self.mean, self.std, s.tile, s.overlap, s.batch_size, s.tta, self.device,
+            transform=self.stain_transform(image),
+        )  # fmt: skip
 
     def label(
         self, image: np.ndarray, min_area: int | None = None, radius: int | None = None, **infer: Any

@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -205,11 +206,24 @@ class ReinhardNormalizer(StainNormalizer):
 
 def _stain_matrix(od_tissue: np.ndarray, alpha: float) -> np.ndarray:
     """H and E unit OD vectors (columns, H first) from the tissue pixels' extreme angles."""
-    _, eigvecs = np.linalg.eigh(np.cov(od_tissue.T.astype(np.float64)))
-    plane = eigvecs[:, 1:3]  # the two largest eigenvalues
+    plane = _plane(np.cov(od_tissue.T.astype(np.float64)))
+    min_phi, max_phi = np.percentile(_angles(od_tissue, plane), [alpha, 100 - alpha])
+    return _stain_vectors(plane, min_phi, max_phi)
+
+
+def _plane(covariance: np.ndarray) -> np.ndarray:
+    """The plane of the two main eigenvectors of the tissue OD covariance (3 x 2, largest eigenvalues)."""
+    return np.linalg.eigh(covariance)[1][:, 1:3]
+
+
+def _angles(od_tissue: np.ndarray, plane: np.ndarray) -> np.ndarray:
+    """The angle of every tissue pixel's OD in ``plane``."""
     projected = od_tissue @ plane
-    phi = np.arctan2(projected[:, 1], projected[:, 0])
-    min_phi, max_phi = np.percentile(phi, [alpha, 100 - alpha])
+    return np.arctan2(projected[:, 1], projected[:, 0])
+
+
+def _stain_vectors(plane: np.ndarray, min_phi: float, max_phi: float) -> np.ndarray:
+    """The H and E vectors at the extreme angles (columns, H first)."""
     v_min = plane @ np.array([np.cos(min_phi), np.sin(min_phi)])
     v_max = plane @ np.array([np.cos(max_phi), np.sin(max_phi)])
     # Eigenvectors have an arbitrary sign; stain OD vectors are positive.
@@ -326,7 +340,7 @@ def load_normalizer(path: str | os.PathLike[str]) -> StainNormalizer:
 # --- one slide, many regions ------------------------------------------------------------------------
 
 
-_FIXED_ROWS = 512  # rows transformed at a time: bounds the float64 temporaries on large regions
+_FIXED_ROWS = 512  # rows transformed at a time: bounds the float32 temporaries on large regions
 
 
 @dataclass
@@ -358,14 +372,16 @@ class FixedSourceNormalizer:
 
     def _rows(self, rgb: np.ndarray) -> np.ndarray:
         ref, src = self.reference, self.source
+        # float32 throughout (12 bytes per pixel of temporaries): within one intensity level of the float64 tile
+        # methods, which matters less than the memory of a large region.
         if isinstance(ref, MacenkoNormalizer) and isinstance(src, MacenkoNormalizer):
-            concentrations = _concentrations(optical_density(rgb, ref.io), src.stain_matrix)
-            concentrations *= (ref.max_concentration / src.max_concentration)[:, None]
-            mixed = ref.io * np.exp(-(ref.stain_matrix @ concentrations))
+            unmix = np.linalg.pinv(src.stain_matrix) * (ref.max_concentration / src.max_concentration)[:, None]
+            concentrations = unmix.astype(np.float32) @ optical_density(rgb, ref.io).T
+            mixed = np.float32(ref.io) * np.exp(-(ref.stain_matrix.astype(np.float32) @ concentrations))
             return np.clip(np.rint(mixed), 0, 255).astype(np.uint8).T.reshape(rgb.shape)
         if isinstance(ref, ReinhardNormalizer) and isinstance(src, ReinhardNormalizer):
-            scale = np.where(src.std > 1e-6, ref.std / np.maximum(src.std, 1e-6), 1.0)
-            return _lab_to_rgb((_rgb_to_lab(rgb).astype(np.float64) - src.mean) * scale + ref.mean)
+            scale = np.where(src.std > 1e-6, ref.std / np.maximum(src.std, 1e-6), 1.0).astype(np.float32)
+            return _lab_to_rgb((_rgb_to_lab(rgb) - src.mean.astype(np.float32)) * scale + ref.mean.astype(np.float32))
         return rgb.copy()
 
 
@@ -378,4 +394,155 @@ def fixed_source(reference: StainNormalizer, sample_rgb: np.ndarray) -> FixedSou
         source = fit_normalizer(sample_rgb, reference.method, reference.min_tissue)
     except StainError as exc:
         raise StainError(f"cannot measure the slide's stain: {exc}") from None
+    return FixedSourceNormalizer(reference, source)
+
+
+# --- one large image, in bounded memory ---------------------------------------------------------------
+
+
+STREAM_BLOCK_PIXELS = 1 << 20  # pixels per block of rows when measuring a large image's stain
+
+
+def _row_blocks(rgb: np.ndarray, block_pixels: int) -> Iterator[np.ndarray]:
+    rows = max(1, block_pixels // rgb.shape[1])
+    for y0 in range(0, rgb.shape[0], rows):
+        yield rgb[y0 : y0 + rows]
+
+
+def _lerp(a: float, b: float, t: float) -> float:
+    """numpy.percentile's linear interpolation between neighbouring order statistics."""
+    return b - (b - a) * (1 - t) if t >= 0.5 else a + (b - a) * t
+
+
+def streamed_percentiles(
+    blocks: Callable[[], Iterator[np.ndarray]], q: Sequence[float], low: np.ndarray, high: np.ndarray
+) -> np.ndarray:
+    """``numpy.percentile(values, q, axis=1)`` of ``(k, N)`` values that arrive in blocks ``(k, n_i)`` and never
+    exist all at once: ``blocks()`` must give the same blocks each time it is called, and every value of row ``i``
+    must lie in ``[low[i], high[i]]``. Two passes: a histogram of each row finds the bins that hold the order
+    statistics the percentiles interpolate between; the second pass keeps only those bins' values. Exact, not
+    approximated by the bins. Returns ``(len(q), k)``."""
+    bins = 1 << 16
+    low, high = np.asarray(low, np.float64), np.asarray(high, np.float64)
+    scale = bins / np.maximum(high - low, 1e-12)
+
+    def bin_of(values: np.ndarray) -> np.ndarray:
+        return np.clip(((values - low[:, None]) * scale[:, None]).astype(np.int64), 0, bins - 1)
+
+    counts = np.zeros((len(low), bins), np.int64)
+    for values in blocks():
+        for i, row in enumerate(bin_of(values)):
+            counts[i] += np.bincount(row, minlength=bins)
+    ends = np.cumsum(counts, axis=1)  # ends[i, b]: the number of values of row i in bins 0..b
+    needed = []  # per row: {rank: bin}
+    for i in range(len(low)):
+        n = int(ends[i, -1])
+        ranks = {r for p in q for r in (int(p / 100 * (n - 1)), min(int(p / 100 * (n - 1)) + 1, n - 1))}
+        needed.append({r: int(np.searchsorted(ends[i], r, side="right")) for r in ranks})
+    kept: list[dict[int, list[np.ndarray]]] = [{b: [] for b in set(rows.values())} for rows in needed]
+    for values in blocks():
+        for i, (row, where) in enumerate(zip(values, bin_of(values), strict=True)):
+            for b, parts in kept[i].items():
+                parts.append(row[where == b])
+    out = np.empty((len(q), len(low)))
+    for i in range(len(low)):
+        in_bin = {b: np.sort(np.concatenate(parts)) for b, parts in kept[i].items()}
+        stat = {r: in_bin[b][r - (ends[i, b] - counts[i, b])] for r, b in needed[i].items()}
+        n = int(ends[i, -1])
+        for j, p in enumerate(q):
+            pos = p / 100 * (n - 1)
+            k0 = int(pos)
+            out[j, i] = _lerp(stat[k0], stat[min(k0 + 1, n - 1)], pos - k0)
+    return out
+
+
+def _streamed_macenko(
+    rgb: np.ndarray, io: float, alpha: float, beta: float, min_tissue: float, block_pixels: int
+) -> MacenkoNormalizer | str:
+    """:func:`_macenko_estimate` of a whole image from blocks of rows (5 passes, exact percentiles)."""
+
+    def od_blocks() -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        for block in _row_blocks(rgb, block_pixels):
+            od = optical_density(block, io)
+            yield od, np.all(od >= beta, axis=1)
+
+    n_pixels = rgb.shape[0] * rgb.shape[1]
+    n_tissue, total, outer = 0, np.zeros(3), np.zeros((3, 3))
+    for od, tissue in od_blocks():
+        values = od[tissue].astype(np.float64)
+        n_tissue += len(values)
+        total += values.sum(axis=0)
+        outer += values.T @ values
+    if not _enough_tissue(n_tissue, n_pixels, min_tissue):
+        return f"only {n_tissue / n_pixels:.2%} of the pixels are tissue (need {min_tissue:.2%})"
+    with np.errstate(all="ignore"):
+        mean = total / n_tissue
+        plane = _plane((outer - n_tissue * np.outer(mean, mean)) / (n_tissue - 1))  # numpy.cov's estimate
+
+        def angles() -> Iterator[np.ndarray]:
+            for od, tissue in od_blocks():
+                yield _angles(od[tissue], plane)[None]
+
+        (min_phi,), (max_phi,) = streamed_percentiles(angles, [alpha, 100 - alpha], [-np.pi], [np.pi])
+        stain_matrix = _stain_vectors(plane, min_phi, max_phi)
+        if not np.all(np.isfinite(stain_matrix)):
+            return "the stain vectors could not be estimated"
+        unmix = np.linalg.pinv(stain_matrix)
+        # Every OD lies in [-log(256 / io), log(io)]: so does each concentration's range, through unmix.
+        od_low, od_high = -np.log(256.0 / io), np.log(io)
+        low = np.minimum(unmix * od_low, unmix * od_high).sum(axis=1)
+        high = np.maximum(unmix * od_low, unmix * od_high).sum(axis=1)
+
+        def concentrations() -> Iterator[np.ndarray]:
+            for od, _ in od_blocks():
+                yield _concentrations(od, stain_matrix)
+
+        (max_c,) = streamed_percentiles(concentrations, [99], low, high)
+    if not (np.all(np.isfinite(max_c)) and np.all(max_c > 1e-6)):
+        return f"degenerate stain concentrations (99th percentiles {max_c.tolist()})"
+    return MacenkoNormalizer(stain_matrix=stain_matrix, max_concentration=max_c, io=io, alpha=alpha, beta=beta)
+
+
+def _streamed_reinhard(rgb: np.ndarray, min_tissue: float, block_pixels: int) -> ReinhardNormalizer | str:
+    """The L*a*b* mean and standard deviation of a whole image from blocks of rows (one pass)."""
+    n_pixels = rgb.shape[0] * rgb.shape[1]
+    n_tissue, total, squares = 0, np.zeros(3), np.zeros(3)
+    for block in _row_blocks(rgb, block_pixels):
+        n_tissue += _tissue_count(block, IO, BETA)[0]
+        lab = _rgb_to_lab(block).reshape(-1, 3).astype(np.float64)
+        total += lab.sum(axis=0)
+        squares += (lab * lab).sum(axis=0)
+    if not _enough_tissue(n_tissue, n_pixels, min_tissue):
+        return f"only {n_tissue / n_pixels:.2%} of the pixels are tissue"
+    mean = total / n_pixels
+    return ReinhardNormalizer(mean=mean, std=np.sqrt(np.maximum(squares / n_pixels - mean * mean, 0.0)))
+
+
+def image_normalizer(
+    reference: StainNormalizer, rgb: np.ndarray, block_pixels: int = STREAM_BLOCK_PIXELS
+) -> FixedSourceNormalizer | None:
+    """``reference``'s tile method for one large image, to apply region by region in bounded memory.
+
+    The image's own stain (what :meth:`StainNormalizer.transform` measures on the whole image: Macenko's stain
+    vectors and 99th concentration percentiles, Reinhard's L*a*b* statistics) is measured from blocks of
+    ``block_pixels`` pixels, never holding more than a block's float arrays, and returned as a
+    :class:`FixedSourceNormalizer` whose ``transform`` maps any region (a strip of tiles) pixel by pixel in
+    float32. Applied to every region, it gives ``reference.transform(rgb)`` within one intensity level. Returns
+    None (with a :class:`StainWarning`) where ``transform`` would leave the image unchanged: method ``none``,
+    too little tissue, a degenerate estimate.
+    """
+    rgb = _check_rgb(rgb)
+    if isinstance(reference, MacenkoNormalizer):
+        source: StainNormalizer | str = _streamed_macenko(
+            rgb, reference.io, reference.alpha, reference.beta, reference.min_tissue, block_pixels
+        )
+    elif isinstance(reference, ReinhardNormalizer):
+        source = _streamed_reinhard(rgb, reference.min_tissue, block_pixels)
+    else:
+        return None
+    if isinstance(source, str):
+        warnings.warn(
+            f"{reference.method} stain normalisation skipped: {source}; image left unchanged", StainWarning, 2
+        )
+        return None
     return FixedSourceNormalizer(reference, source)

@@ -582,3 +582,25 @@ def test_predict_command_reports_a_bad_model(tmp_path):
     )
     assert result.exit_code == 1
     assert "bad.pt: not a readable checkpoint" in result.output
+
+
+def test_stain_normalisation_streams_with_the_strips_as_on_the_whole_image(tmp_path) -> None:
+    """A model's stain step runs strip by strip inside the tiling (no normalised copy of the image), with the
+    pixels of the whole-image normalisation: the same classes as predicting on the normalised image."""
+    from conftest import write_tiny_checkpoint
+
+    from nucleiseg.infer import load_predictor, predict_classes
+    from nucleiseg.stain import fit_normalizer
+    from nucleiseg.synth import synth_tile
+
+    checkpoint = write_tiny_checkpoint(tmp_path / "model.pt")
+    state = torch.load(checkpoint, weights_only=True)
+    state["stain"] = fit_normalizer(synth_tile(1, 128)[0], "macenko").to_dict()
+    torch.save(state, checkpoint)
+    predictor = load_predictor(checkpoint, device="cpu")
+    image = synth_tile(2, (200, 150))[0]
+    normalised = predictor.prepare(image)
+    assert np.abs(normalised.astype(int) - predictor.stain.transform(image).astype(int)).max() <= 1
+    s = predictor.infer
+    want = predict_classes(predictor.model, normalised, predictor.mean, predictor.std, s.tile, s.overlap, device="cpu")
+    np.testing.assert_array_equal(predictor.classes(image), want)

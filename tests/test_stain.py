@@ -175,3 +175,83 @@ def test_real_consep_tiles(consep_dir) -> None:
         assert not np.array_equal(out, tile)
     stains = fit_normalizer(reference, "macenko").stain_matrix
     assert np.all(stains > 0) and stains[0, 0] > stains[0, 1]  # H absorbs more red than E
+
+
+# ----------------------------------------------------------------------------------------------------
+# A large image, measured in blocks and normalised strip by strip (inference)
+
+
+def test_streamed_percentiles_are_numpys_exactly() -> None:
+    from nucleiseg.stain import streamed_percentiles
+
+    rng = np.random.default_rng(0)
+    values = np.concatenate([rng.normal(size=(2, 50_001)), np.full((2, 999), 0.25)], axis=1)  # ties too
+
+    def blocks():
+        return (values[:, i : i + 4093] for i in range(0, values.shape[1], 4093))
+
+    q = [0, 1, 50, 99, 100]
+    got = streamed_percentiles(blocks, q, [-8, -8], [8, 8])
+    np.testing.assert_array_equal(got, np.percentile(values, q, axis=1))
+
+
+def _in_strips(normalizer, image: np.ndarray, rows: int = 96) -> np.ndarray:
+    return np.concatenate([normalizer.transform(image[y : y + rows]) for y in range(0, image.shape[0], rows)])
+
+
+@pytest.mark.parametrize("method", ["macenko", "reinhard"])
+def test_image_normalizer_in_strips_equals_the_whole_image_method(reference, perturbed, method: str) -> None:
+    """The stated tolerance: within one intensity level of transform() on the whole image, in under 0.1% of
+    the pixels (float32 instead of float64; the statistics are the same)."""
+    from nucleiseg.stain import image_normalizer
+
+    normalizer = fit_normalizer(reference, method)
+    image = np.concatenate([perturbed, synthetic_he(HE_SHIFTED, seed=3)], axis=1)  # 192 x 384
+    streamed = image_normalizer(normalizer, image, block_pixels=5_000)  # many blocks
+    difference = np.abs(_in_strips(streamed, image).astype(int) - normalizer.transform(image).astype(int))
+    assert difference.max() <= 1 and (difference > 0).mean() < 1e-3
+
+
+def test_image_normalizer_leaves_a_blank_image_as_transform_does(reference) -> None:
+    from nucleiseg.stain import image_normalizer
+
+    with pytest.warns(StainWarning, match="too little|tissue"):
+        assert image_normalizer(fit_normalizer(reference, "macenko"), np.full((64, 64, 3), 250, np.uint8)) is None
+    assert image_normalizer(fit_normalizer(reference, "none"), reference) is None
+
+
+def test_image_normalizer_memory_is_bounded_by_its_blocks(reference, perturbed) -> None:
+    """numpy allocations (tracemalloc) while measuring and normalising a 2.4-megapixel image strip by strip stay
+    within a few blocks' worth, while the whole-image transform holds float copies of every pixel."""
+    import tracemalloc
+
+    from nucleiseg.stain import image_normalizer
+
+    normalizer = fit_normalizer(reference, "macenko")
+    image = np.tile(perturbed, (8, 8, 1))  # 1536 x 1536
+    tracemalloc.start()
+    try:
+        normalizer.transform(image)
+        whole = tracemalloc.get_traced_memory()[1]
+        tracemalloc.reset_peak()
+        streamed = image_normalizer(normalizer, image, block_pixels=1 << 18)
+        for y in range(0, image.shape[0], 224):  # the strips of tiles inference cuts
+            streamed.transform(image[y : y + 224])
+        strips = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    pixels, strip = image.shape[0] * image.shape[1], 224 * image.shape[1]
+    assert whole > 80 * pixels  # float64 OD and concentrations of every pixel (13 GB for 12000 x 12000)
+    # Whatever the image's height: a strip's float32 temporaries (about 47 bytes per pixel of the strip), or one
+    # block's float64 statistics and the histograms (about 26 MB for blocks of 2^18 pixels).
+    assert strips < max(64 * strip, 2**25)
+
+
+def test_real_tile_normalised_in_strips(consep_dir) -> None:
+    from nucleiseg.stain import image_normalizer
+
+    normalizer = fit_normalizer(read_image(consep_dir / "train_1.png"), "macenko")
+    image = read_image(consep_dir / "train_7.png")
+    streamed = image_normalizer(normalizer, image, block_pixels=50_000)
+    difference = np.abs(_in_strips(streamed, image, 224).astype(int) - normalizer.transform(image).astype(int))
+    assert difference.max() <= 1 and (difference > 0).mean() < 1e-3
