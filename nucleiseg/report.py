@@ -292,21 +292,40 @@ def training_lines(train_summary: Mapping[str, Any] | None, settings: Mapping[st
         f"{s.get('loss.sigma')}) + {s.get('train.beta')} x perceptual loss.",
         f"- Schedule: {s.get('train.epochs')} epoch(s) of {s.get('train.steps_per_epoch') or 'all'} step(s), batch "
         f"{s.get('train.batch_size')} of {s.get('augmentation.crop')}x{s.get('augmentation.crop')} crops, Adam lr "
-        f"{s.get('train.lr')}, weight decay {s.get('train.weight_decay')}, seed {s.get('train.seed')}.",
+        f"{s.get('train.lr')} ({s.get('train.schedule', 'constant')}"
+        + (f", {s.get('train.warmup')} warm-up" if s.get("train.schedule", "constant") != "constant" else "")
+        + f"), weight decay {s.get('train.weight_decay')}, class weights {s.get('loss.class_weights', 'none')}, "
+        f"stain normalisation {s.get('stain.method')}, seed {s.get('train.seed')}.",
         f"- Inference: tiles of {s.get('infer.tile')} px with {s.get('infer.overlap')} px overlap, TTA "
-        f"{'on' if s.get('infer.tta') else 'off'}; post-processing min area {s.get('post.min_area')} px, "
-        f"dilation radius {s.get('post.radius')}.",
+        f"{'on' if s.get('infer.tta') else 'off'}; post-processing {_post_description(s)}.",
     ]
     if train_summary:
         t = train_summary
         minutes = float(t.get("seconds", 0.0)) / 60
         best = t.get("best_score")
+        chosen = (
+            f"the last epoch's checkpoint is the one scored (validation {t.get('val_metric')} {_fmt(best)})"
+            if t.get("select") == "last"
+            else f"best validation {t.get('val_metric')} {_fmt(best)} at epoch {t.get('best_epoch')} (that "
+            "checkpoint is the one scored)"
+        )
         lines.append(
-            f"- Trained {t.get('epochs')} epoch(s) in {minutes:.1f} min; best validation {t.get('val_metric')} "
-            f"{_fmt(best)} at epoch {t.get('best_epoch')} (that checkpoint is the one scored); encoder "
+            f"- Trained {t.get('epochs')} epoch(s) in {minutes:.1f} min; {chosen}; encoder "
             f"{'ImageNet-pretrained' if t.get('encoder_pretrained') else 'randomly initialised'}."
         )
     return lines
+
+
+def _post_description(s: Mapping[str, Any]) -> str:
+    method, classify = s.get("post.method", "paper"), s.get("post.classify", "vote")
+    how = (
+        "connected components of the argmax (the paper's)"
+        if method == "paper"
+        else f"watershed (nucleus pixels: inside > {s.get('post.mask_threshold')}, markers: inside - contour > "
+        f"{s.get('post.marker_threshold')})"
+    )
+    vote = "pixel majority vote" if classify == "vote" else "summed class probability"
+    return f"{how}, class by {vote}, min area {s.get('post.min_area')} px, dilation radius {s.get('post.radius')}"
 
 
 def notes(summary: Mapping[str, Any] | None, train_summary: Mapping[str, Any] | None) -> list[str]:

@@ -545,6 +545,7 @@ def train(
                 "epochs": len(history),
                 "seconds": round(result.seconds, 1),
                 "val_metric": tp.val_metric,
+                "select": tp.select,
                 "encoder_pretrained": result.encoder_pretrained,
             },
         )

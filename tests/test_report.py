@@ -118,3 +118,17 @@ def test_preset_command_names_unknown_presets_and_keeps_the_file(tmp_path: Path,
     assert load_params("params.yaml").data.dir == "data"
     with pytest.raises(ParamsError, match="settings file not found"):
         read_settings("missing.yaml")
+
+
+def test_training_lines_say_how_the_scored_checkpoint_was_chosen_and_how_nuclei_were_made() -> None:
+    from nucleiseg.report import training_lines
+
+    settings = load_params(None, ["train.schedule=onecycle", "post.method=watershed", "post.classify=probability"])
+    flat = settings.flat()
+    summary = {"epochs": 40, "seconds": 1800, "val_metric": "f1", "best_score": 0.6, "best_epoch": 40}
+    last = "\n".join(training_lines({**summary, "select": "last"}, flat))
+    assert "the last epoch's checkpoint is the one scored (validation f1 0.600)" in last
+    assert "(onecycle, 0.1 warm-up)" in last and "watershed (nucleus pixels: inside > 0.5" in last
+    assert "summed class probability" in last
+    best = "\n".join(training_lines({**summary, "select": "best"}, load_params(None, []).flat()))
+    assert "best validation f1 0.600 at epoch 40" in best and "connected components of the argmax" in best
