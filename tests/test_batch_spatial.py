@@ -26,13 +26,17 @@ def test_batch_writes_a_spatial_report_per_image_and_logs_them_to_the_active_run
         code, output, summary = run_batch(workspace)
     assert code == 1 and "corrupt.png" in output  # the corrupt image fails alone, as without reports
     results = by_name(summary)
+    nuclei = 0
     for name in ("a", "b"):
         paths = report_paths(workspace["out"], name)
         assert results[f"{name}.png"]["spatial_report"] == {key: str(path) for key, path in paths.items()}
         figures = json.loads(paths["json"].read_text())
         table = pd.read_csv(workspace["out"] / f"{name}_nuclei.csv")
         assert figures["nuclei"] == len(table) and figures["settings"]["simulations"] == 5
+        assert table["class_probability"].between(1 / 3, 1).all(), "the class is the most probable of the three"
+        nuclei += len(table)
         assert "data:image/png;base64," in paths["html"].read_text()
+    assert nuclei > 0
     assert "corrupt_spatial.json" not in {p.name for p in workspace["out"].iterdir()}
     logged = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id, "spatial")}
     assert logged == {f"spatial/{n}_spatial.{e}" for n in ("a", "b") for e in ("html", "json")}

@@ -196,3 +196,20 @@ def test_centroids_alone_equal_the_full_tables():
             assert light[column].tolist() == full[column].tolist()
         else:
             np.testing.assert_allclose(light[column], full[column], rtol=1e-12)
+
+
+def test_one_network_pass_gives_the_classes_and_the_maps_of_the_class_probabilities():
+    from test_infer import MEAN, STD, conv_net, rgb
+
+    from nucleiseg.infer import predict_classes, predict_classes_and_probabilities, predict_probabilities
+
+    model, image = conv_net(seed=4), rgb(120, 90, seed=4)
+    classes, probs = predict_classes_and_probabilities(model, image, MEAN, STD, tile=64, overlap=16)
+    assert np.array_equal(classes, predict_classes(model, image, MEAN, STD, tile=64, overlap=16))
+    half = predict_probabilities(model, image, MEAN, STD, tile=64, overlap=16, dtype=np.float16)
+    assert probs.dtype == np.float16 and np.array_equal(probs, half)
+    label = np.zeros(classes.shape, np.int32)
+    label[10:30, 10:30] = 3
+    table = nuclei_table(label, image, mpp=0.25, probs=probs)
+    inside = probs[1:4, 10:30, 10:30].astype(np.float64)
+    assert table["class_probability"].iloc[0] == pytest.approx(np.mean(inside[0] / inside.sum(axis=0)), rel=1e-3)
