@@ -276,7 +276,7 @@ class TrackingParams(_Section):
 class SpatialParams(_Section):
     """Per-nucleus measurements and the spatial statistics of the types (nucleiseg.measure, nucleiseg.spatial)."""
 
-    mpp: float = Field(0.25, gt=0)  # micrometres per pixel of the images (a slide's own mpp is read from the file)
+    mpp: float = Field(0.25, gt=0)  # um per pixel of a label given to `nucleiseg spatial` without --mpp
     r_max_um: float = Field(50.0, gt=0)  # largest Ripley K / L radius (capped at a quarter of the window)
     r_steps: int = Field(50, ge=1)
     simulations: int = Field(39, ge=1)  # patterns simulated for the L-function envelopes
