@@ -44,6 +44,7 @@ def split_items(data_dir: str | os.PathLike[str], splits_path: str | os.PathLike
     A name in the split without its image or label in ``data_dir`` is an error naming both, and so is a name
     that is not a plain file name (:func:`nucleiseg.outputs.check_name`: outputs are named after it).
     """
+    from nucleiseg.labels import label_file
     from nucleiseg.outputs import check_name
 
     data_dir = Path(data_dir)
@@ -54,8 +55,8 @@ def split_items(data_dir: str | os.PathLike[str], splits_path: str | os.PathLike
     for name in splits[split]:
         check_name(name, f"{splits_path}: {split} image")
         image = next((data_dir / f"{name}{s}" for s in IMAGE_SUFFIXES if (data_dir / f"{name}{s}").is_file()), None)
-        label = data_dir / f"{name}_label.png"
-        if image is None or not label.is_file():
+        label = label_file(data_dir, name)  # a 16-bit PNG, or a 32-bit TIFF
+        if image is None or label is None:
             raise FileNotFoundError(f"{splits_path}: {split} image {name!r} has no image and label in {data_dir}")
         ignore = data_dir / f"{name}{ignore_suffix}.png" if ignore_suffix else None
         items.append(SplitItem(name, image, label, ignore if ignore is not None and ignore.is_file() else None))

@@ -194,15 +194,22 @@ def detection_feature(
 # ----------------------------------------------------------------------------------------------------------
 
 
-def output_paths(out_dir: str | os.PathLike[str], name: str) -> dict[str, Path]:
-    """Where :func:`write_outputs` puts the four outputs of image ``name``."""
+def output_paths(out_dir: str | os.PathLike[str], name: str, label_suffix: str = ".png") -> dict[str, Path]:
+    """Where :func:`write_outputs` puts the four outputs of image ``name``; the label is ``.png``, or ``.tif``
+    when its ids need 32 bits (:func:`nucleiseg.labels.label_suffix`)."""
     out_dir = Path(out_dir)
     return {
-        "label": out_dir / f"{name}_label.png",
+        "label": out_dir / f"{name}_label{label_suffix}",
         "overlay": out_dir / f"{name}_overlay.png",
         "geojson": out_dir / f"{name}.geojson",
         "nuclei": out_dir / f"{name}_nuclei.csv",
     }
+
+
+def output_files(out_dir: str | os.PathLike[str], name: str) -> list[Path]:
+    """Every file :func:`write_outputs` may write for image ``name`` (the label in either format): what to check
+    before writing (:mod:`nucleiseg.outputs`)."""
+    return [*output_paths(out_dir, name).values(), output_paths(out_dir, name, ".tif")["label"]]
 
 
 def write_outputs(
@@ -215,22 +222,23 @@ def write_outputs(
     probs: np.ndarray | None = None,
     stain_matrix: np.ndarray | None = None,
 ) -> dict[str, Path]:
-    """Write ``<name>_label.png`` (16-bit), ``<name>_overlay.png``, ``<name>.geojson`` and ``<name>_nuclei.csv``.
+    """Write ``<name>_label.png`` (16-bit; ``<name>_label.tif``, 32-bit, when the ids exceed 65535),
+    ``<name>_overlay.png``, ``<name>.geojson`` and ``<name>_nuclei.csv``.
 
     The table and the GeoJSON measurements are :func:`nucleiseg.measure.nuclei_table` with ``mpp``
     (micrometres per pixel; None: :data:`nucleiseg.measure.DEFAULT_MPP`), ``probs`` (the softmax maps, for
     ``class_probability``) and ``stain_matrix`` (the model's; None: Ruifrok & Johnston's).
     All four are computed first and written to temporary files that are renamed into place only once every
-    one of them is complete, so a failure (e.g. more nuclei than a 16-bit label holds) leaves earlier outputs
-    of the same name untouched. Returns the paths.
+    one of them is complete, so a failure (a full disk) leaves earlier outputs of the same name untouched.
+    Returns the paths.
     """
     from nucleiseg.io import atomic_path, write_image
-    from nucleiseg.labels import write_label
+    from nucleiseg.labels import label_suffix, write_label
     from nucleiseg.measure import DEFAULT_MPP, nuclei_table
 
     image = np.asarray(image)
     label = _check_label(label, image)
-    paths = output_paths(out_dir, name)
+    paths = output_paths(out_dir, name, label_suffix(label))
     table = nuclei_table(
         label, image, mpp=DEFAULT_MPP if mpp is None else mpp, probs=probs, stain_matrix=stain_matrix, image_name=name
     )
@@ -251,6 +259,7 @@ __all__ = [
     "mask_polygon",
     "nucleus_polygons",
     "outlines",
+    "output_files",
     "output_paths",
     "overlay",
     "to_geojson",

@@ -5,7 +5,8 @@ Definitions
 label
     A 2-D integer image the size of its H&E tile. ``0`` is background; every nucleus is a set of pixels
     sharing a unique positive id, and the nucleus's class is ``id % 3``: ``0`` tumor, ``1`` lymphocyte,
-    ``2`` stroma (:data:`CLASS_NAMES`). On disk a label is a 16-bit PNG or TIFF, so ids go up to 65535.
+    ``2`` stroma (:data:`CLASS_NAMES`). On disk a label is a 16-bit PNG or TIFF (ids up to 65535, so 21,845
+    nuclei of one class), or a 32-bit TIFF for larger ids (:func:`label_suffix` picks the format).
 instance map
     A 2-D integer image with 0 background and one positive id per nucleus, with no meaning attached to the
     id; :func:`encode` turns an instance map plus a class per instance into a label.
@@ -33,6 +34,7 @@ CLASS_NAMES: tuple[str, str, str] = ("tumor", "lymphocyte", "stroma")
 
 LABEL_SUFFIXES = (".png", ".tif", ".tiff")
 MAX_LABEL_ID = 65535  # largest id a 16-bit label file can hold
+MAX_TIFF_LABEL_ID = np.iinfo(np.int32).max  # a 32-bit TIFF label (read as int32)
 
 # Target map values (see :func:`targets`).
 TARGET_BACKGROUND = 0
@@ -114,22 +116,52 @@ def read_label(path: str | os.PathLike[str]) -> np.ndarray:
     return _as_label(np.asarray(array), path)
 
 
-def write_label(path: str | os.PathLike[str], label: np.ndarray) -> None:
-    """Write a label as a 16-bit PNG or TIFF (chosen by the suffix), atomically.
+def label_files(folder: str | os.PathLike[str], suffix: str = "_label") -> dict[str, Path]:
+    """The label files ``<name><suffix>.png|.tif|.tiff`` of a folder, by name. Two formats of one name (a stale
+    16-bit PNG beside a 32-bit TIFF) are an error naming both: which one is meant cannot be guessed."""
+    found: dict[str, Path] = {}
+    for path in sorted(Path(folder).iterdir()):
+        stem = path.name[: -len(path.suffix)] if path.suffix else path.name
+        if path.suffix.lower() not in LABEL_SUFFIXES or not stem.endswith(suffix) or not path.is_file():
+            continue
+        if path.name.startswith("."):  # hidden: a temporary file of a write in progress
+            continue
+        name = stem[: -len(suffix)]
+        if name in found:
+            raise LabelError(f"{found[name]} and {path}: two label files for {name!r}; remove the stale one")
+        found[name] = path
+    return found
 
-    Raises :class:`LabelError` for ids above 65535 (a 16-bit file cannot hold them), negative or float values,
-    or another suffix.
+
+def label_file(folder: str | os.PathLike[str], name: str, suffix: str = "_label") -> Path | None:
+    """The label file of ``name`` in ``folder`` (``<name><suffix>.png``, ``.tif`` or ``.tiff``), or None."""
+    return next((p for s in LABEL_SUFFIXES if (p := Path(folder) / f"{name}{suffix}{s}").is_file()), None)
+
+
+def label_suffix(label: np.ndarray) -> str:
+    """The file format a label needs: ``.png`` (16-bit) when its ids fit, else ``.tif`` (32-bit)."""
+    array = np.asarray(label)
+    return ".png" if not array.size or int(array.max()) <= MAX_LABEL_ID else ".tif"
+
+
+def write_label(path: str | os.PathLike[str], label: np.ndarray) -> None:
+    """Write a label as a PNG or TIFF (chosen by the suffix), atomically: 16-bit, or for a TIFF whose ids exceed
+    65535, 32-bit.
+
+    Raises :class:`LabelError` for PNG ids above 65535 (a 16-bit file cannot hold them; :func:`label_suffix`
+    says which format a label needs), negative or float values, or another suffix.
     """
     path = Path(path)
     if path.suffix.lower() not in LABEL_SUFFIXES:
         raise LabelError(f"{path}: a label is written as .png, .tif or .tiff, not {path.suffix or 'no suffix'!r}")
     array = _as_label(np.asarray(label), path)
-    if array.size and array.max() > MAX_LABEL_ID:
+    largest = int(array.max()) if array.size else 0
+    if largest > MAX_LABEL_ID and path.suffix.lower() == ".png":
         raise LabelError(
-            f"{path}: id {int(array.max())} is above {MAX_LABEL_ID}, the largest a 16-bit label can hold "
-            f"(relabel the nuclei with consecutive ids, e.g. with nucleiseg.labels.encode)"
+            f"{path}: id {largest} is above {MAX_LABEL_ID}, the largest a 16-bit PNG label can hold; write it as "
+            ".tif (32-bit), or relabel the nuclei with consecutive ids (nucleiseg.labels.encode)"
         )
-    write_image(path, array.astype(np.uint16))
+    write_image(path, array.astype(np.uint16 if largest <= MAX_LABEL_ID else np.uint32))
 
 
 def validate_label(
@@ -325,6 +357,9 @@ __all__ = [
     "class_view",
     "classes_of",
     "encode",
+    "label_file",
+    "label_files",
+    "label_suffix",
     "read_label",
     "relabel_sequential",
     "targets",

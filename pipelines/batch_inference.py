@@ -83,7 +83,7 @@ from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.annotations import quote
 
-from nucleiseg.export import output_paths
+from nucleiseg.export import output_files, output_paths
 from nucleiseg.infer import (
     FileResult,
     InferSettings,
@@ -297,7 +297,9 @@ def up_to_date(
         return False, f"{earlier.get('status')} in the previous run"
     if sha256 is None or earlier.get("input_sha256") != sha256:
         return False, "input content changed"
-    outputs = output_paths(out_dir, name)
+    # The files the earlier run wrote (its label may be a 32-bit .tif), looked for in this output folder.
+    written = earlier.get("outputs") or {}
+    outputs = {k: out_dir / Path(v).name for k, v in written.items()} if written else output_paths(out_dir, name)
     missing = [p.name for p in outputs.values() if not p.is_file()]
     if missing:
         return False, f"outputs missing: {', '.join(missing)}"
@@ -378,7 +380,7 @@ def spatial_report_task(image_path: str, name: str, out_dir: str, spatial: Any, 
     as owned); returns their paths, or ``{"error": ...}`` for a report that cannot be made. ``default_mpp``: the
     scale of a table without rows (which carries no ``um_per_px``)."""
     from nucleiseg.io import read_image
-    from nucleiseg.labels import read_label
+    from nucleiseg.labels import label_file, read_label
     from nucleiseg.measure import read_table
     from nucleiseg.spatial_report import write_spatial_report
 
@@ -387,7 +389,8 @@ def spatial_report_task(image_path: str, name: str, out_dir: str, spatial: Any, 
         table = read_table(outputs["nuclei"])
         mpp = float(table["um_per_px"].iloc[0]) if len(table) and "um_per_px" in table else default_mpp
         paths = write_spatial_report(
-            table, out_dir, mpp=mpp, thumbnail=read_image(image_path), label=read_label(outputs["label"]),
+            table, out_dir, mpp=mpp, thumbnail=read_image(image_path),
+            label=read_label(label_file(out_dir, name) or outputs["label"]),  # a 16-bit .png or 32-bit .tif
             settings=spatial, name=name,
         )  # fmt: skip
     except (ValueError, OSError) as exc:
@@ -583,7 +586,7 @@ def batch_inference(
     planned = plan_images(files, out, resolved, settings, read_previous_summary(out))
     todo = [p for p in planned if p.entry is None]
     try:
-        folder.claim([*(q.name for p in todo for q in output_paths(out, p.name).values()), SUMMARY_NAME,
+        folder.claim([*(q.name for p in todo for q in output_files(out, p.name)), SUMMARY_NAME,
                       *(q.name for p in planned for q in report_paths(out, p.name).values()),
                       *(q.name for s in slides for q in slide_output_paths(out, slide_name(s)).values())])  # fmt: skip
     except OutputError as exc:

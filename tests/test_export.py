@@ -190,14 +190,23 @@ def test_write_outputs_writes_four_readable_files(tmp_path):
 
 
 def test_a_failed_write_leaves_the_previous_outputs_untouched(tmp_path):
-    from nucleiseg.labels import LabelError
-
     label, image = make_label(), make_image()
     paths = write_outputs(tmp_path, "x", image, label)
     before = {key: p.read_bytes() for key, p in paths.items()}
+    blocked = tmp_path / "y_nuclei.csv"
+    blocked.mkdir()  # the last output cannot be renamed into place
+    with pytest.raises(OSError):
+        write_outputs(tmp_path, "y", image, label)
+    assert {key: p.read_bytes() for key, p in paths.items()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*(p.name for p in paths.values()), blocked.name])
+
+
+def test_more_nuclei_than_16_bits_hold_are_written_as_a_32_bit_tiff(tmp_path):
+    from nucleiseg.labels import read_label
+
+    label, image = make_label(), make_image()
     too_many = label.copy()
     too_many[label == label.max()] = 70002  # above what a 16-bit label holds
-    with pytest.raises(LabelError, match="65535"):
-        write_outputs(tmp_path, "x", image, too_many)
-    assert {key: p.read_bytes() for key, p in paths.items()} == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in paths.values()), "no temp files left"
+    paths = write_outputs(tmp_path, "x", image, too_many)
+    assert paths["label"].name == "x_label.tif"
+    np.testing.assert_array_equal(read_label(paths["label"]), too_many)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import warnings
 
 import numpy as np
@@ -375,3 +376,61 @@ def test_cli_targets_names_a_bad_file(tmp_path):
     assert result.exit_code == 1
     assert "bad_label.png" in result.output
     assert not (tmp_path / "t.png").exists()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Labels with more than 21,845 nuclei of one class: 32-bit TIFF
+
+
+def _big_ids() -> np.ndarray:
+    label = np.zeros((24, 24), np.int32)
+    label[2:6, 2:6] = 3
+    label[8:12, 8:12] = 70_001  # a lymphocyte beyond 16 bits
+    label[14:20, 14:20] = 131_070  # a tumor nucleus: ids of one class beyond 65535 mean > 21,845 of them
+    return label
+
+
+def test_large_ids_go_to_a_32_bit_tiff_and_a_png_is_refused_naming_it(tmp_path) -> None:
+    import tifffile
+
+    from nucleiseg.labels import label_suffix
+
+    label = _big_ids()
+    assert label_suffix(label) == ".tif" and label_suffix(label % 65_536) == ".png"
+    write_label(tmp_path / "a_label.tif", label)
+    assert tifffile.imread(tmp_path / "a_label.tif").dtype == np.uint32
+    np.testing.assert_array_equal(read_label(tmp_path / "a_label.tif"), label)
+    with pytest.raises(LabelError, match=rf"^{tmp_path / 'b_label.png'}: id 131070 .*\.tif"):
+        write_label(tmp_path / "b_label.png", label)
+    assert not list(tmp_path.glob("*b_label*"))
+
+
+def test_lzw_compressed_32_bit_tiff_labels_are_read(tmp_path) -> None:
+    import tifffile
+
+    tifffile.imwrite(tmp_path / "x_label.tif", _big_ids().astype(np.uint32), compression="lzw")
+    np.testing.assert_array_equal(read_label(tmp_path / "x_label.tif"), _big_ids())
+
+
+def test_prediction_outputs_of_a_large_label_and_their_evaluation(tmp_path) -> None:
+    from nucleiseg.cli import app
+    from nucleiseg.export import write_outputs
+
+    label = _big_ids()
+    paths = write_outputs(tmp_path / "pred", "a", np.full((24, 24, 3), 200, np.uint8), label)
+    assert paths["label"].name == "a_label.tif" and not (tmp_path / "pred" / "a_label.png").exists()
+    np.testing.assert_array_equal(read_label(paths["label"]), label)
+    write_label(tmp_path / "truth" / "a_label.tif", label)
+    out = tmp_path / "eval.json"
+    result = CliRunner().invoke(app, ["evaluate", str(tmp_path / "pred"), str(tmp_path / "truth"), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert json.loads(out.read_text())["summary"]["all"]["f1"] == 1.0
+
+
+def test_two_formats_of_one_label_are_an_error(tmp_path) -> None:
+    from nucleiseg.labels import label_files
+
+    write_label(tmp_path / "a_label.png", _big_ids() % 65_536)
+    write_label(tmp_path / "a_label.tif", _big_ids())
+    with pytest.raises(LabelError, match="two label files for 'a'"):
+        label_files(tmp_path)

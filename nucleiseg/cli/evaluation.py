@@ -11,7 +11,7 @@ import typer
 
 from nucleiseg.cli.app import ForceOption, ParamsOption, SetOption, app, fail, read_params
 
-LABEL_SUFFIX = "_label.png"
+LABEL_SUFFIX = "_label.png|.tif"
 
 
 class Protocol(StrEnum):
@@ -37,10 +37,16 @@ def _with_protocol(set_: list[str] | None, protocol: Protocol | None) -> list[st
 
 
 def _label_files(folder: Path) -> dict[str, Path]:
-    """``<name>_label.png`` files of a folder, by name."""
+    """``<name>_label.png`` (or ``.tif``, ``.tiff``: 32-bit labels) files of a folder, by name."""
+    from nucleiseg.labels import LabelError, label_files
+
     if not folder.is_dir():
         fail(f"{folder}: no such folder")
-    return {p.name[: -len(LABEL_SUFFIX)]: p for p in sorted(folder.glob(f"*{LABEL_SUFFIX}")) if p.is_file()}
+    try:
+        return label_files(folder)
+    except LabelError as exc:
+        fail(str(exc))
+        raise AssertionError from exc  # unreachable: fail() exits
 
 
 def _json_ready(obj: Any) -> Any:
@@ -169,7 +175,7 @@ def score(
     settings = read_params(params, _with_protocol(set_, protocol))
     from nucleiseg import tracking
     from nucleiseg.evaluation import confusion_rows, evaluate_model, headline, split_items
-    from nucleiseg.export import output_paths
+    from nucleiseg.export import output_files
     from nucleiseg.infer import InferSettings, ModelLoadError, PostSettings, load_predictor, settings_from
     from nucleiseg.io import write_json_atomic
     from nucleiseg.outputs import OutputFolder, claim_file, record_files
@@ -185,7 +191,7 @@ def score(
         folders: dict[str, OutputFolder] = {}
         if predictions is not None:
             folders["predictions"] = OutputFolder(predictions, [data, splits], force)
-            folders["predictions"].claim(p.name for i in items for p in output_paths(predictions, i.name).values())
+            folders["predictions"].claim(p.name for i in items for p in output_files(predictions, i.name))
         if overlays is not None:
             folders["overlays"] = OutputFolder(overlays, [data, splits], force)
             folders["overlays"].claim(f"{i.name}.png" for i in items)
@@ -221,10 +227,10 @@ def score(
 
 def _scored(name: str, folders: dict[str, Any], predictions: Path | None, overlays: Path | None) -> None:
     """Mark one scored image's outputs as written by nucleiseg (nucleiseg.outputs) and say so."""
-    from nucleiseg.export import output_paths
+    from nucleiseg.export import output_files
 
     if predictions is not None:
-        folders["predictions"].record(output_paths(predictions, name).values())
+        folders["predictions"].record(p for p in output_files(predictions, name) if p.is_file())
     if overlays is not None:
         folders["overlays"].record([overlays / f"{name}.png"])
     typer.echo(f"scored {name}")

@@ -66,7 +66,7 @@ def predict(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.table import Table
 
-    from nucleiseg.export import output_paths
+    from nucleiseg.export import output_files
     from nucleiseg.infer import (
         FileResult,
         InferSettings,
@@ -95,7 +95,7 @@ def predict(
         fail("no inputs given")
     try:
         folder = OutputFolder(out, inputs=[p for p in inputs if p.exists()], force=force)
-        names = [n for f in files for n in (p.name for p in output_paths(out, f.stem).values())]
+        names = [p.name for f in files for p in output_files(out, f.stem)]
         folder.claim([*names, SUMMARY_NAME])
     except OutputError as exc:
         fail(str(exc))
