@@ -208,7 +208,7 @@ class TissueParams(_Section):
 class SlideParams(_Section):
     """Whole slides (definitions in ``nucleiseg.streaming`` and ``nucleiseg.wsi``)."""
 
-    chunk: int = Field(4096, ge=64)  # side of a chunk in model pixels, rounded up to whole inference tiles
+    chunk: int = Field(5120, ge=64)  # side of a chunk in model pixels, rounded up to whole inference tiles
     margin_um: float = Field(30.0, gt=0)  # context around each chunk; must exceed the largest nucleus
     mpp_tolerance: float = Field(0.02, ge=0, lt=0.5)  # relative mpp difference read without resampling
     map_mpp: float = Field(16.0, gt=0)  # resolution of the class map / density thumbnail, um per pixel

@@ -84,13 +84,14 @@ SUMMARY_FORMAT = 1
 _STAIN_SAMPLE = 256  # view pixels per side of a stain sample region
 _STAIN_REGIONS = 16
 _CHUNK_META = b"nucleiseg.chunk"
+_OWNED_ROWS = 256
 
 
 @dataclass(frozen=True)
 class SlideSettings:
     """Params section ``slide`` (definitions in the module docstring and :mod:`nucleiseg.tissue`)."""
 
-    chunk: int = 4096
+    chunk: int = 5120
     margin_um: float = 30.0
     mpp_tolerance: float = DEFAULT_MPP_TOLERANCE
     map_mpp: float = 16.0
@@ -438,12 +439,15 @@ class ChunkResult:
 
 
 def _network(
-    predictor: Predictor, image: np.ndarray, infer: Mapping[str, Any], exact: tuple[int, int, int, int]
+    predictor: Predictor,
+    image: np.ndarray,
+    infer: Mapping[str, Any],
+    exact: tuple[int, int, int, int],
+    maps: slice = slice(None),
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Argmax classes (uint8) and float16 softmax maps ``(5, h, w)`` of the exact box (read-box coordinates)."""
-    import torch
-
-    from nucleiseg.infer import iter_tile_probabilities
+    """Argmax classes (uint8) and float16 softmax ``maps`` (all 5, or the three nucleus maps for the class
+    probability: 6 bytes a pixel instead of 10) of the exact box (read-box coordinates)."""
+    from nucleiseg.infer import _argmax_channels, iter_tile_probabilities
 
     r0, r1, c0, c1 = exact
     classes = np.empty((r1 - r0, c1 - c0), dtype=np.uint8)
@@ -457,11 +461,12 @@ def _network(
         if y0 >= y1 or x0 >= x1:
             continue  # an outer overlap outside the exact box
         part = p[:, y0 - rows.start : y1 - rows.start, x0 - cols.start : x1 - cols.start]
+        kept = part[maps]
         if probs is None:
-            probs = np.empty((part.shape[0], r1 - r0, c1 - c0), dtype=np.float16)
-        # First maximum on ties, as nucleiseg.infer.predict_classes; the float16 cast as predict_probabilities'.
-        classes[y0 - r0 : y1 - r0, x0 - c0 : x1 - c0] = torch.argmax(part, dim=0).to(torch.uint8).cpu().numpy()
-        probs[:, y0 - r0 : y1 - r0, x0 - c0 : x1 - c0] = part.cpu().numpy()
+            probs = np.empty((kept.shape[0], r1 - r0, c1 - c0), dtype=np.float16)
+        # predict_classes' own argmax (first maximum on ties); the float16 cast as predict_probabilities'.
+        classes[y0 - r0 : y1 - r0, x0 - c0 : x1 - c0] = _argmax_channels(part[None])[0].cpu().numpy()
+        probs[:, y0 - r0 : y1 - r0, x0 - c0 : x1 - c0] = kept.cpu().numpy()
     assert probs is not None  # an exact box holds at least one tile's kept range
     return classes, probs
 
@@ -473,14 +478,17 @@ def _owned(label: np.ndarray, plan: SlidePlan, chunk: Chunk) -> tuple[np.ndarray
     if top == 0:
         return np.zeros(0, dtype=np.int64), 0
     r0, _, c0, _ = chunk.exact
-    flat = label.ravel()
-    fg = flat > 0
-    ids = flat[fg]
-    index = np.flatnonzero(fg)
-    rows, cols = np.divmod(index, label.shape[1])
-    n = np.bincount(ids, minlength=top + 1)
-    sum_r = np.bincount(ids, weights=rows + r0, minlength=top + 1)  # exact: integer sums below 2^53
-    sum_c = np.bincount(ids, weights=cols + c0, minlength=top + 1)
+    n = np.zeros(top + 1, dtype=np.int64)
+    sum_r = np.zeros(top + 1, dtype=np.float64)  # integer sums below 2^53: exact in float64
+    sum_c = np.zeros(top + 1, dtype=np.float64)
+    cols = np.arange(c0, c0 + label.shape[1], dtype=np.float64)
+    for y in range(0, label.shape[0], _OWNED_ROWS):  # row blocks: no full-size temporaries
+        block = label[y : y + _OWNED_ROWS]
+        counts = np.bincount(block.ravel(), minlength=top + 1)
+        n += counts
+        rows = np.arange(r0 + y, r0 + y + block.shape[0], dtype=np.float64)
+        sum_r += np.bincount(block.ravel(), weights=np.repeat(rows, block.shape[1]), minlength=top + 1)
+        sum_c += np.bincount(block.ravel(), weights=np.tile(cols, block.shape[0]), minlength=top + 1)
     present = np.flatnonzero(n)
     present = present[present > 0]
     cy = sum_r[present] / n[present] + 0.5  # pixel centres, corner origin
@@ -490,16 +498,13 @@ def _owned(label: np.ndarray, plan: SlidePlan, chunk: Chunk) -> tuple[np.ndarray
     keep = present[inside & plan.on_tissue(cy, cx)]
     # Clipped: touches an edge of the exact box that is not the view's own edge.
     rows_v, cols_v = plan.view_shape
-    edges = np.zeros(label.shape, dtype=bool)
-    if chunk.exact[0] > 0:
-        edges[0] = True
-    if chunk.exact[1] < rows_v:
-        edges[-1] = True
-    if chunk.exact[2] > 0:
-        edges[:, 0] = True
-    if chunk.exact[3] < cols_v:
-        edges[:, -1] = True
-    touching = np.unique(label[edges & (label > 0)])
+    edges = [
+        label[0] if chunk.exact[0] > 0 else None,
+        label[-1] if chunk.exact[1] < rows_v else None,
+        label[:, 0] if chunk.exact[2] > 0 else None,
+        label[:, -1] if chunk.exact[3] < cols_v else None,
+    ]
+    touching = np.unique(np.concatenate([e for e in edges if e is not None] or [np.zeros(0, label.dtype)]))
     clipped = int(np.isin(keep, touching).sum())
     return keep, clipped
 
@@ -532,13 +537,14 @@ def segment_chunk(
     t = time.perf_counter()
     e0, e1, f0, f1 = chunk.exact
     exact_local = (e0 - r0, e1 - r0, f0 - c0, f1 - c0)
-    classes, probs = _network(predictor, prepared, plan.infer, exact_local)
+    method, classify = plan.post.get("method", "paper"), plan.post.get("classify", "vote")
+    all_maps = needs_probabilities(method, classify)
+    classes, probs = _network(predictor, prepared, plan.infer, exact_local, slice(None) if all_maps else slice(1, 4))
     del prepared
     timings["network"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    method, classify = plan.post.get("method", "paper"), plan.post.get("classify", "vote")
-    label = postprocess(probs if needs_probabilities(method, classify) else classes, **plan.post)
+    label = postprocess(probs if all_maps else classes, **plan.post)
     del classes
     keep, clipped = _owned(label, plan, chunk)
     owned = np.zeros(int(label.max()) + 1, dtype=bool)

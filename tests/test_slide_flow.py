@@ -39,8 +39,9 @@ def speckle_checkpoint(path: Path, image: np.ndarray) -> Path:
     with torch.no_grad():
         logits = model(x)[0]
     state = model.state_dict()
+    centred = logits - logits.mean((1, 2), keepdim=True)
     state["head.proj.bias"] -= logits.mean((1, 2))
-    state["head.proj.bias"][0] += torch.quantile((logits[1] - logits[0]).flatten(), 0.85)
+    state["head.proj.bias"][0] += torch.quantile((centred[1] - centred[0]).flatten(), 0.85)
     state["head.proj.bias"][4] -= 10.0  # no contour class
     checkpoint = {"model_name": "resunet34", "model_kwargs": kwargs, "state_dict": state, "norm_mean": list(MEAN),
                   "norm_std": list(STD), "mpp": 0.25}  # fmt: skip
