@@ -461,13 +461,34 @@ class InferSettings:
 
 @dataclass(frozen=True)
 class PostSettings:
-    """Post-processing (params section ``post``)."""
+    """Post-processing (params section ``post``; :func:`nucleiseg.postprocess.postprocess` defines them)."""
 
     min_area: int = 20
     radius: int = 1
+    method: str = "paper"
+    classify: str = "vote"
+    mask_threshold: float = 0.5
+    marker_threshold: float = 0.3
+    marker_min_area: int = 4
 
     def __post_init__(self) -> None:
-        _check_ints(self, min_area=0, radius=0)
+        from nucleiseg.postprocess import CLASSIFY, METHODS
+
+        _check_ints(self, min_area=0, radius=0, marker_min_area=0)
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.classify not in CLASSIFY:
+            raise ValueError(f"classify must be one of {', '.join(CLASSIFY)}, got {self.classify!r}")
+        for name, low in (("mask_threshold", 0.0), ("marker_threshold", -1.0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= 1:
+                raise ValueError(f"{name} must be a number in [{low:g}, 1], got {value!r}")
+
+    @property
+    def needs_probabilities(self) -> bool:
+        from nucleiseg.postprocess import needs_probabilities
+
+        return needs_probabilities(self.method, self.classify)
 
 
 def _check_ints(settings: Any, **minimum: int) -> None:
@@ -556,16 +577,32 @@ class Predictor:
         )  # fmt: skip
 
     def label(
-        self, image: np.ndarray, min_area: int | None = None, radius: int | None = None, **infer: Any
+        self,
+        image: np.ndarray,
+        min_area: int | None = None,
+        radius: int | None = None,
+        post: PostSettings | None = None,
+        **infer: Any,
     ) -> np.ndarray:
-        """Nuclei label in the paper's encoding; post-processing settings default to :attr:`post`."""
+        """Nuclei label in the paper's encoding; post-processing settings default to :attr:`post`
+        (``min_area`` and ``radius`` override theirs). Only the argmax map is kept when the settings need no
+        probabilities (the paper's post-processing), which bounds memory on large images."""
+        from dataclasses import replace
+
         from nucleiseg.postprocess import postprocess
 
-        return postprocess(
-            self.classes(image, **infer),
-            min_area=self.post.min_area if min_area is None else min_area,
-            radius=self.post.radius if radius is None else radius,
-        )
+        post = post or self.post
+        if min_area is not None or radius is not None:
+            post = replace(
+                post,
+                min_area=post.min_area if min_area is None else min_area,
+                radius=post.radius if radius is None else radius,
+            )
+        if post.needs_probabilities:
+            maps = self.probabilities(image, dtype=np.float16, **infer)
+        else:
+            maps = self.classes(image, **infer)
+        return postprocess(maps, **post.__dict__)
 
 
 def _build_predictor(
@@ -662,7 +699,7 @@ def load_predictor(
     ``infer`` (dict, optional)
         Default tiling: keys among ``tile``, ``overlap``, ``batch_size``, ``tta``.
     ``post`` (dict, optional)
-        Default post-processing: keys among ``min_area``, ``radius``.
+        Default post-processing: keys of :class:`PostSettings` (``min_area``, ``radius``, ``method``, ...).
     ``mpp`` (float, optional)
         Microns per pixel of the training images; absent in models saved before it existed: 0.25, with a warning.
 
@@ -864,7 +901,7 @@ def predict_file(
     classes, probs = predictor.classes_and_probabilities(
         seen, tile=infer.tile, overlap=infer.overlap, batch_size=infer.batch_size, tta=infer.tta
     )
-    label = postprocess(classes, min_area=post.min_area, radius=post.radius)
+    label = postprocess(probs if post.needs_probabilities else classes, **post.__dict__)
     del classes
     if seen is not image:  # the maps are at the model's scale: no class probabilities on the image's pixels
         label, probs = resize_label(label, image.shape[:2]), None
