@@ -267,7 +267,11 @@ def test_cli_refuses_unknown_resolution_and_a_corrupt_slide_fails_alone(workspac
     assert "nompp.tif: the resolution (microns per pixel) is not in the slide's metadata; give it with --mpp" in output
     assert "broken.svs: not a readable slide" in output
     assert (root / "o1" / "slide_summary.json").is_file() and not (root / "o1" / "nompp_summary.json").exists()
+    (root / "o2").mkdir()
+    (root / "o2" / "nompp_summary.json").write_text("{}")  # a file nucleiseg did not write
     code, output = run_slide(workspace, root / "o2", str(root / "nompp.tif"), "--mpp", "0.25")
+    assert code == 1 and "--force" in output
+    code, output = run_slide(workspace, root / "o2", str(root / "nompp.tif"), "--mpp", "0.25", "--force")
     assert code == 0, output
     assert json.loads((root / "o2" / "nompp_summary.json").read_text())["mpp_source"] == "--mpp"
 

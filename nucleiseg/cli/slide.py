@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from nucleiseg.cli.app import ParamsOption, SetOption, app, fail, read_params
+from nucleiseg.cli.app import ForceOption, ParamsOption, SetOption, app, fail, read_params
 
 DEFAULT_PARAMS = Path("params.yaml")
 
@@ -30,6 +30,7 @@ def slide_command(
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
     params: ParamsOption = DEFAULT_PARAMS,
     set_: SetOption = None,
+    force: ForceOption = False,
 ) -> None:
     """Segment and classify the nuclei of whole slides, chunk by chunk, in bounded memory.
 
@@ -41,6 +42,7 @@ def slide_command(
     statistics of the types; params section spatial) and NAME_summary.json.
 
     Killed, a rerun resumes from the chunks already done. Settings: params sections slide, infer and post.
+    OUT must be apart from the slides; outputs nucleiseg did not write are replaced only with --force.
     On a Dask cluster: `nucleiseg batch` with infer.runner: dask. Exit code 1 when any slide failed.
     """
     from rich.console import Console
@@ -54,8 +56,9 @@ def slide_command(
     )
 
     from nucleiseg.infer import InferSettings, ModelLoadError, PostSettings, is_mlflow_uri, load_predictor
+    from nucleiseg.outputs import OutputError, OutputFolder
     from nucleiseg.spatial import settings_from as spatial_settings
-    from nucleiseg.streaming import SlideSettings, segment_slide, slide_name
+    from nucleiseg.streaming import SlideSettings, segment_slide, slide_name, slide_output_paths
     from nucleiseg.wsi import SlideError
 
     settings = read_params(params if (params != DEFAULT_PARAMS or params.is_file()) else None, set_)
@@ -65,6 +68,12 @@ def slide_command(
     clashes = sorted({n for n in names if names.count(n) > 1})
     if clashes:
         fail(f"slides with the same name would write the same outputs: {', '.join(clashes)}", code=2)
+    try:  # before any work: the output folder apart from the slides, nothing replaced that nucleiseg did not write
+        folder = OutputFolder(out, inputs=[s for s in slides if s.exists()], force=force)
+        folder.claim([p.name for n in names for p in slide_output_paths(out, n).values()])
+    except OutputError as exc:
+        fail(str(exc))
+        return
     model_ref = model or f"models:/{settings.promote.model_name}@champion"
     if is_mlflow_uri(model_ref):
         from nucleiseg import tracking
@@ -114,6 +123,7 @@ def slide_command(
                 message = str(exc) if str(path) in str(exc) else f"{path}: {exc}"
                 typer.secho(f"failed: {message}", fg=typer.colors.RED, err=True)
                 continue
+        folder.record(summary["outputs"].values())
         counts = ", ".join(f"{n} {c}" for c, n in summary["per_class"].items())
         typer.echo(
             f"{path.name}: {summary['nuclei']} nuclei ({counts}) on {summary['tissue_mm2']:.2f} mm2 of tissue, "
@@ -142,13 +152,21 @@ def synth_slide_command(
     sources: Annotated[int, typer.Option("--sources", min=1, help="Synthetic source tiles in the mosaic.")] = 4,
     seed: Annotated[int, typer.Option("--seed", min=0)] = 0,
     compression: Annotated[str, typer.Option("--compression", help="jpeg or deflate (lossless).")] = "jpeg",
+    force: ForceOption = False,
 ) -> None:
     """Write a pyramidal tiled TIFF (OpenSlide and tifffile read it) with mpp metadata: a mosaic of synthetic
     40x tiles (or of the tiles of --from-tiles) on glass, for trying and benchmarking the slide path."""
     import numpy as np
 
     from nucleiseg.io import ImageReadError, list_images, read_image
+    from nucleiseg.outputs import OutputError, claim_file, record_files
     from nucleiseg.slidegen import synthetic_sources, write_mosaic_slide
+
+    try:
+        claim_file(out, inputs=[tiles] if tiles is not None else [], force=force)
+    except OutputError as exc:
+        fail(str(exc))
+        return
 
     if tiles is not None:
         try:
@@ -173,6 +191,7 @@ def synth_slide_command(
     except OSError as exc:
         fail(f"{out}: cannot write the slide ({exc})")
         return
+    record_files(path.parent, [path])
     typer.echo(
         f"wrote {path}: {size}x{size} px at {'unknown' if no_mpp else mpp} um/px, {path.stat().st_size / 1e6:.1f} MB"
     )
