@@ -681,6 +681,20 @@ def slide_output_paths(out_dir: str | os.PathLike[str], name: str) -> dict[str, 
     }
 
 
+def previous_summary(out_dir: str | os.PathLike[str], name: str, fingerprint: str) -> dict[str, Any] | None:
+    """The summary of slide ``name`` in ``out_dir`` when a finished run with this ``fingerprint`` (same slide,
+    model and settings) wrote it and every output it lists still exists; else None."""
+    try:
+        summary = json.loads(slide_output_paths(out_dir, name)["summary"].read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(summary, dict) or summary.get("fingerprint") != fingerprint:
+        return None
+    if not all(Path(p).is_file() for p in (summary.get("outputs") or {}).values()):
+        return None
+    return summary
+
+
 def _parts(plan: SlidePlan, store: ChunkStore) -> Iterator[tuple[pd.DataFrame, dict[str, Any]]]:
     for chunk in plan.chunks:
         if not store.done(chunk.key):
@@ -885,7 +899,9 @@ def segment_slide(
     the other; the network uses all the threads torch has), then the outputs. Returns the summary.
 
     ``model``: the model's identity for the summary and the resume fingerprint (``{"identity": ...}``).
-    ``spatial``: settings of the spatial report (:func:`finish_slide`).
+    ``spatial``: settings of the spatial report (:func:`finish_slide`). A slide already finished in ``out_dir`` with
+    the same slide, model and settings (:func:`previous_summary`) is not computed again: its summary is returned,
+    with ``reused_outputs: True``.
     ``on_plan(plan, reused)`` is called once the chunks are known, ``on_chunk(result)`` after each computed chunk
     (``None`` for each reused one): progress reporting. Settings default to the predictor's.
     """
@@ -897,6 +913,11 @@ def segment_slide(
         stain=predictor.stain, model_identity=str((model or {}).get("identity", predictor.source)),
     )  # fmt: skip
     planned = time.perf_counter()
+    previous = previous_summary(out_dir, plan.name, plan.fingerprint)
+    if previous is not None:
+        if on_plan is not None:
+            on_plan(plan, len(plan.chunks))
+        return {**previous, "reused_outputs": True}
     store = ChunkStore(work_dir(out_dir, plan.name), plan.fingerprint).open()
     todo = [c for c in plan.chunks if not store.done(c.key)]
     reused = len(plan.chunks) - len(todo)
@@ -931,6 +952,7 @@ __all__ = [
     "file_identity",
     "finish_slide",
     "plan_slide",
+    "previous_summary",
     "segment_chunk",
     "segment_slide",
     "slide_name",

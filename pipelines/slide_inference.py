@@ -22,7 +22,6 @@ entry in ``batch_summary.json``, with ``kind: "slide"``, its counts and outputs,
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -40,9 +39,9 @@ from nucleiseg.streaming import (
     SlideSettings,
     finish_slide,
     plan_slide,
+    previous_summary,
     segment_chunk,
     slide_name,
-    slide_output_paths,
     work_dir,
 )
 from nucleiseg.wsi import SlideError
@@ -107,17 +106,6 @@ def _done_entry(path: Path, summary: Mapping[str, Any], status: str, reason: str
     )  # fmt: skip
 
 
-def _previous(out: Path, name: str, fingerprint: str) -> dict[str, Any] | None:
-    """The slide's previous summary when it was made by this same run setup and all its outputs exist."""
-    try:
-        summary = json.loads(slide_output_paths(out, name)["summary"].read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    if summary.get("fingerprint") != fingerprint or not all(Path(p).is_file() for p in summary["outputs"].values()):
-        return None
-    return summary
-
-
 def run_slides(
     runner: Any,
     slides: list[Path],
@@ -153,7 +141,7 @@ def run_slides(
             logger.warning(f"failed: {message}")
             entries[path] = _entry(path, "failed", "cannot plan", error=f"{type(exc).__name__}: {message}")
             continue
-        previous = _previous(out, plan.name, plan.fingerprint)
+        previous = previous_summary(out, plan.name, plan.fingerprint)
         if previous is not None:
             entries[path] = _done_entry(path, previous, "skipped", "up to date: same slide, model and settings", 0.0)
             continue

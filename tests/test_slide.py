@@ -314,3 +314,5 @@ def test_a_run_killed_mid_slide_resumes_and_ends_with_the_same_outputs(tmp_path:
     with gzip.open(killed / "slide.geojson.gz", "rt") as a, gzip.open(whole / "slide.geojson.gz", "rt") as b:
         assert json.load(a) == json.load(b)
     assert not work.exists()
+    again = segment_slide(path, dark_predictor(), whole, settings=settings, spatial=SPATIAL)  # already finished
+    assert again["reused_outputs"] and again["nuclei"] == uninterrupted["nuclei"]
