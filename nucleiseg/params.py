@@ -166,6 +166,9 @@ class InferParams(_Section):
     tta: bool = False
     runner: Literal["threads", "dask"] = "threads"  # batch inference task runner (dask needs prefect-dask)
     workers: int = Field(2, ge=1)  # images processed at once by batch inference
+    # runner dask: the scheduler of an existing cluster (tcp://host:8786); null: a local cluster of `workers`
+    # processes
+    dask_address: str | None = None
 
     @model_validator(mode="after")
     def _overlap_smaller_than_tile(self) -> InferParams:

@@ -720,6 +720,7 @@ def flow_arguments(
         "device": device,
         "names": names,
         "force": force,
+        "dask_address": params.infer.dask_address,
         "slide": params.slide.model_dump(),
         "slide_mpp": slide_mpp,
         "spatial": params.spatial.model_dump(),
