@@ -316,3 +316,16 @@ def test_a_run_killed_mid_slide_resumes_and_ends_with_the_same_outputs(tmp_path:
     assert not work.exists()
     again = segment_slide(path, dark_predictor(), whole, settings=settings, spatial=SPATIAL)  # already finished
     assert again["reused_outputs"] and again["nuclei"] == uninterrupted["nuclei"]
+
+
+def test_a_slide_made_of_a_real_consep_tile_gives_the_tile_paths_nuclei(tmp_path: Path, consep_dir: Path) -> None:
+    from nucleiseg.export import nucleus_polygons
+    from nucleiseg.io import read_image
+
+    image = read_image(consep_dir / "train_1.png")
+    predictor = dark_predictor()
+    rings = {(i % 3, tuple(map(tuple, r.tolist()))) for i, r in nucleus_polygons(predictor.label(image)).items()}
+    path = write_slide(tmp_path / "train_1.tif", image, 0.25)
+    summary = segment_slide(path, predictor, tmp_path / "out", settings=SlideSettings(chunk=300), spatial=SPATIAL)
+    assert summary["chunks"]["on_tissue"] == 9 and summary["clipped"] == 0
+    assert slide_features(summary) == rings and len(rings) > 100
