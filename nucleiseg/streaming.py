@@ -418,7 +418,7 @@ def _fingerprint(plan: SlidePlan, model_identity: str) -> str:
         "post": plan.post,
         "settings": plan.settings,
         "mask": hashlib.sha256(np.packbits(plan.mask).tobytes() + str(plan.mask.shape).encode()).hexdigest(),
-        "stain": None if plan.stain is None else repr(plan.stain),
+        "stain": plan.to_json().get("stain"),  # the reference and the slide's measured source, or None
     }
     return hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
