@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 
 from nucleiseg.cli import app
 from nucleiseg.export import output_paths
+from nucleiseg.infer import PostSettings
 from nucleiseg.io import write_image
 from nucleiseg.labels import read_label
 
@@ -131,7 +132,7 @@ def test_batch_writes_outputs_and_a_corrupt_image_fails_alone(prefect_api: None,
     error = results["corrupt.png"]["error"]
     assert error.startswith("ImageReadError") and str(workspace["images"] / "corrupt.png") in error
     assert (summary["inputs"], summary["ok"], summary["skipped"], summary["failed"]) == (3, 2, 0, 1)
-    assert summary["settings"] == {"infer": INFER, "post": POST}
+    assert summary["settings"] == {"infer": INFER, "post": {**PostSettings().__dict__, **POST}}
     assert summary["model"]["identity"].startswith(f"{workspace['checkpoint'].resolve()}#sha256:")
     assert summary["runner"] == "threads"
 
@@ -158,7 +159,11 @@ def test_batch_writes_outputs_and_a_corrupt_image_fails_alone(prefect_api: None,
     # A corrupt image is an expected outcome, not a crash: its task completes with a failed entry and one
     # warning line, not a Prefect traceback.
     states = {t.name: t.state.type.value for t in task_runs}
-    assert states == {"predict-a": "COMPLETED", "predict-b": "COMPLETED", "predict-corrupt": "COMPLETED"}
+    predicted = {name: state for name, state in states.items() if name.startswith("predict-")}
+    assert predicted == {"predict-a": "COMPLETED", "predict-b": "COMPLETED", "predict-corrupt": "COMPLETED"}
+    # the spatial report task runs for the images that were segmented, never for the corrupt one
+    assert {name for name in states if not name.startswith("predict-")} == {"spatial-a", "spatial-b"}
+    assert set(states.values()) == {"COMPLETED"}
     assert "Traceback" not in output
     (artifact,) = artifacts
     assert "| corrupt.png | failed |" in artifact.data and "| a.png | ok |" in artifact.data

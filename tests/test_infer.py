@@ -466,7 +466,7 @@ def test_predict_command_end_to_end_with_a_corrupt_image(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert (summary["inputs"], summary["ok"], summary["failed"]) == (3, 2, 1)
     assert summary["infer"] == {"tile": 64, "overlap": 16, "batch_size": 4, "tta": False}
-    assert summary["post"] == {"min_area": 5, "radius": 2}
+    assert summary["post"] == {**PostSettings().__dict__, "min_area": 5, "radius": 2}
     by_input = {r["input"]: r for r in summary["results"]}
     assert by_input[str(src / "broken.png")]["status"] == "failed"
     assert "broken.png" in by_input[str(src / "broken.png")]["error"]
