@@ -356,13 +356,22 @@ def notes(summary: Mapping[str, Any] | None, train_summary: Mapping[str, Any] | 
     return out
 
 
+def colour_legend() -> str:
+    """The class colours in words, as the overlays draw them (:mod:`nucleiseg.palette`)."""
+    from nucleiseg.labels import CLASS_NAMES
+    from nucleiseg.palette import CLASS_HEX
+
+    names = ("orange", "sky blue", "bluish green")  # Okabe-Ito's names of CLASS_COLORS
+    return ", ".join(f"{n} ({h}) {c}" for n, h, c in zip(names, CLASS_HEX, CLASS_NAMES, strict=True))
+
+
 def overlay_lines(overlay_dir: Path | None, report_path: Path, limit: int = 4) -> list[str]:
     """Markdown images of up to ``limit`` overlays, linked relative to the report."""
     if overlay_dir is None or not overlay_dir.is_dir():
         return []
     files = sorted(p for p in overlay_dir.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg"))[:limit]
     lines = [
-        f"Nuclei outlined on test images (red tumor, green lymphocyte, blue stroma), from `{overlay_dir}`:",
+        f"Nuclei outlined on test images ({colour_legend()}), from `{overlay_dir}`:",
         "",
     ]
     for path in files:
