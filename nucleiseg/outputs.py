@@ -246,6 +246,7 @@ def claim_file(
             f"{path}: already exists and was not written by nucleiseg (or changed since); --force replaces it"
         )
     _make_folder(path.parent, path.parent)
+    remove_stale_temporaries(path.parent)
     return path
 
 
@@ -277,6 +278,7 @@ def check_replaceable(
             "nothing was written (choose a new folder, or --force replaces it)"
         )
     _make_folder(folder.parent, folder.parent)
+    remove_stale_temporaries(folder.parent)  # a killed run's staging folder; a folder it had set aside comes back
     return folder
 
 
