@@ -250,13 +250,16 @@ class TuneParams(_Section):
     beta: tuple[float, float] = (0.0, 1.0)  # a range starting at 0 adds a perceptual on/off switch
     w0: tuple[float, float] = (1.0, 20.0)
     sigma: tuple[float, float] = (1.0, 10.0)
+    # searched only with post.method: watershed
+    marker_threshold: tuple[float, float] = (0.0, 0.6)
+    mask_threshold: tuple[float, float] = (0.3, 0.7)
     pruner_startup_trials: int = Field(5, ge=0)  # median pruning starts once this many trials have finished
     pruner_warmup_epochs: int = Field(1, ge=0)  # and never stops a trial within its first epochs
     out: str = "reports/best_params.yaml"  # the best settings, applied with `nucleiseg tune --apply`
 
     @model_validator(mode="after")
     def _ranges_ordered(self) -> TuneParams:
-        for name in ("beta", "w0", "sigma"):
+        for name in ("beta", "w0", "sigma", "marker_threshold", "mask_threshold"):
             low, high = getattr(self, name)
             if low > high:
                 raise ValueError(f"{name}: the range [{low}, {high}] is empty (low > high)")
