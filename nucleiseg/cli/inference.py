@@ -45,7 +45,8 @@ def predict(
 
     Per image NAME: NAME_label.png (16-bit label, class = id % 3: 0 tumor, 1 lymphocyte, 2 stroma).
 
-    NAME_overlay.png (outlines: orange tumor, sky-blue lymphocyte, bluish-green stroma), NAME.geojson (QuPath detections).
+    NAME_overlay.png (outlines: orange tumor, sky-blue lymphocyte, bluish-green stroma),
+    NAME.geojson (QuPath detections).
 
     NAME_nuclei.csv (one row of measurements per nucleus); summary.json in OUT says what happened to each input.
 
