@@ -72,13 +72,10 @@ def _components(classes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray
     from scipy import ndimage
 
     inside = (classes >= 1) & (classes <= 3)
-    components, n = ndimage.label(inside, structure=np.ones((3, 3), dtype=bool), output=np.int32)
-    # votes[i, c]: pixels of component i with class c, from a single bincount over (component, class) pairs.
-    key = components[inside].astype(np.int64) * 3
-    key += classes[inside] - 1
+    components, _ = ndimage.label(inside, structure=np.ones((3, 3), dtype=bool), output=np.int32)
     del inside
-    votes = np.bincount(key, minlength=3 * (n + 1)).reshape(n + 1, 3)
-    return components, votes.sum(axis=1), np.argmax(votes, axis=1)
+    area, nucleus_class = _instance_classes(components, classes, "vote")
+    return components, area, nucleus_class
 
 
 def _check_probabilities(pred: np.ndarray, what: str) -> np.ndarray:
