@@ -37,6 +37,9 @@ class DataParams(_Section):
     dir: str = "synthetic"  # the annotated dataset the pipeline trains on
     prepared: str = "prepared"  # output of the preprocessing flow
     ignore_suffix: str = "_other"
+    # Where corrected annotations land (images with QuPath GeoJSON, or label PNGs), relative to the project;
+    # the retraining flow imports, validates and merges them into `dir` (pipelines/retrain.py).
+    inbox: str = Field("inbox", min_length=1)
     synth: SynthParams = SynthParams()
 
 
@@ -271,6 +274,9 @@ class TuneParams(_Section):
 class ScheduleParams(_Section):
     cron: str = "0 2 * * *"
     timezone: str = "UTC"
+    # The inbox watcher announces a change once no file has been added or written for this long: a burst of
+    # files, or one large file still being copied, becomes one retraining run.
+    inbox_quiet_s: float = Field(10.0, gt=0)
 
 
 class TrackingParams(_Section):
