@@ -24,6 +24,7 @@ format:
 	$(BIN)/ruff check --fix .
 
 demo:  ## the whole pipeline on the embedded synthetic data
+	$(BIN)/dvc pull -q data.dvc  # the versioned data/ (its objects are committed in .dvc-remote/): dvc status stays clean
 	PATH="$(abspath $(BIN)):$$PATH" HF_HUB_OFFLINE=1 $(BIN)/dvc repro
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc metrics show
 
