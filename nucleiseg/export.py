@@ -3,14 +3,24 @@
 Coordinates
     Polygons and centroids are in full-resolution pixel units with the origin at the top-left *corner* of the
     image, QuPath's convention: pixel ``(row r, column c)`` is the square ``[c, c+1] x [r, r+1]``, so its centre
-    is ``(c + 0.5, r + 0.5)``. A nucleus's polygon follows its pixel edges exactly (its area equals the pixel
-    count), and is traced around the outside of the nucleus (holes are filled; a nucleus in several pieces
-    keeps its largest piece).
+    is ``(c + 0.5, r + 0.5)``. ``origin = (x0, y0)`` places an image cut from a slide at its place there: every
+    coordinate is shifted by it (slide level-0 pixels of the image's top-left corner).
+Geometry
+    The GeoJSON geometry of a nucleus (:func:`nucleus_geometries`) is exactly its pixels: the union of its
+    pixel squares, so a pixel's centre lies inside it exactly when the pixel belongs to the nucleus (QuPath's
+    rule, and :mod:`nucleiseg.qupath`'s, which reads it back to the same label). A nucleus with a hole is a
+    ``Polygon`` with an inner ring; a nucleus in several pieces (pixels that touch only at a corner count as
+    separate pieces) is a ``MultiPolygon``. Rings are closed, without repeated or collinear vertices,
+    counter-clockwise outside and clockwise around holes in x/y (RFC 7946). :func:`mask_polygon` and
+    :func:`nucleus_polygons` give the simpler outline the slide table stores: one ring around the outside of
+    the largest 8-connected piece, holes filled.
 GeoJSON (``to_geojson``)
-    A ``FeatureCollection`` with one ``Feature`` per nucleus: ``geometry`` a ``Polygon`` (one closed ring,
-    first position repeated last, counter-clockwise in x/y as RFC 7946 asks); ``id`` a UUID (what QuPath writes
-    and reads), stable for a given image name and nucleus id; ``properties``: ``objectType: "detection"``,
-    ``classification: {name, color}`` (the class colours of :mod:`nucleiseg.palette`, ``[r, g, b]`` ints), and
+    A ``FeatureCollection`` with one ``Feature`` per nucleus: ``geometry`` as above; ``id`` a UUID (what QuPath
+    writes and reads), stable for a given image name and nucleus id; ``properties``: ``objectType``
+    (``"detection"``, the default: many, light, read-only in QuPath; or ``"annotation"``, which QuPath lets a
+    pathologist edit), ``classification: {name, color}`` (the name of the class in the class map,
+    ``class_map.yaml``, so an import reads it back to the same class: :mod:`nucleiseg.qupath`; the class
+    colours of :mod:`nucleiseg.palette`, ``[r, g, b]`` ints), and
     ``measurements`` (a name -> number dict, which QuPath shows in its measurement table): the numeric columns
     of the nucleus's row in the per-nucleus table, under the same names and in the same units
     (:mod:`nucleiseg.measure`: ``id``, ``area_um2``, ``perimeter_um``, ``hematoxylin_od_mean``, ...).
@@ -156,37 +166,136 @@ def _measurements(table: Any) -> dict[int, dict[str, float]]:
     return rows
 
 
-def to_geojson(label: np.ndarray, table: Any = None, image_name: str = "") -> dict[str, Any]:
+def nucleus_geometries(label: np.ndarray, origin: tuple[int, int] = (0, 0)) -> dict[int, Any]:
+    """``{id: shapely Polygon or MultiPolygon}``: every nucleus of ``label`` exactly as its pixels (module
+    docstring, "Geometry"), shifted by ``origin = (x0, y0)``.
+
+    Built from the runs of equal ids along each row: the union of a nucleus's run rectangles (integer
+    corners, so the union is exact), with the vertices that the runs leave along straight edges removed.
+    """
+    import shapely
+
+    label = _check_label(label)
+    height, width = label.shape
+    if not label.any():
+        return {}
+    padded = np.zeros((height, width + 2), dtype=label.dtype)
+    padded[:, 1:-1] = label
+    rows, xs = np.nonzero(padded[:, 1:] != padded[:, :-1])  # x where a run starts or the previous one ends
+    consecutive = np.flatnonzero(rows[:-1] == rows[1:])
+    row, start, stop = rows[consecutive], xs[consecutive], xs[consecutive + 1]
+    ids = label[row, start]
+    keep = ids > 0
+    row, start, stop, ids = row[keep], start[keep], stop[keep], ids[keep]
+    x0, y0 = origin
+    boxes = shapely.box(start + x0, row + y0, stop + x0, row + 1 + y0)
+    order = np.argsort(ids, kind="stable")
+    present, first = np.unique(ids[order], return_index=True)
+    unions = np.array([shapely.union_all(boxes[run]) for run in np.split(order, first[1:])], dtype=object)
+    # Tolerance 0 drops only the vertices lying on a straight edge; the pixel set is unchanged.
+    exact = shapely.orient_polygons(shapely.simplify(unions, 0.0), exterior_cw=False)
+    return dict(zip(present.tolist(), exact.tolist(), strict=True))
+
+
+def _ring_coords(ring: Any) -> list[list[float]]:
+    """A closed ring's positions, starting (and ending) at its top-left vertex: the smallest (y, x)."""
+    coords = np.asarray(ring.coords)[:-1, :2]
+    first = np.lexsort((coords[:, 0], coords[:, 1]))[0]
+    coords = np.roll(coords, -first, axis=0)
+    coords = np.vstack([coords, coords[:1]])
+    integral = np.all(coords == np.round(coords))
+    return coords.astype(np.int64).tolist() if integral else coords.tolist()
+
+
+def geojson_geometry(geometry: Any) -> dict[str, Any]:
+    """A shapely Polygon or MultiPolygon as a GeoJSON geometry dict (integer coordinates stay integers)."""
+    import shapely
+
+    polygons = [
+        [_ring_coords(p.exterior), *(_ring_coords(r) for r in p.interiors)] for p in shapely.get_parts(geometry)
+    ]
+    if len(polygons) == 1:
+        return {"type": "Polygon", "coordinates": polygons[0]}
+    return {"type": "MultiPolygon", "coordinates": polygons}
+
+
+OBJECT_TYPES = ("detection", "annotation")
+
+
+def to_geojson(
+    label: np.ndarray,
+    table: Any = None,
+    image_name: str = "",
+    *,
+    origin: tuple[int, int] = (0, 0),
+    object_type: str = "detection",
+    class_map: Any = None,
+) -> dict[str, Any]:
     """QuPath-compatible GeoJSON ``FeatureCollection`` of the nuclei (structure in the module docstring).
 
     ``table`` (:func:`nucleiseg.measure.nuclei_table` of the same label) supplies the measurements, under its
     column names; without it only ``id`` is given. ``image_name`` seeds the features' stable UUIDs.
+    ``origin``: ``(x0, y0)``, where the image's top-left corner lies on its slide (level-0 pixels); the
+    geometry and the ``centroid_x_px`` / ``centroid_y_px`` measurements are shifted by it.
+    ``object_type``: ``"detection"`` or ``"annotation"`` (editable in QuPath). ``class_map``: a
+    :class:`nucleiseg.qupath.ClassMap` whose names are written (None: :data:`QUPATH_NAMES`, the names of
+    ``class_map.yaml``).
     """
     label = _check_label(label)
     rows = _measurements(table)
+    if origin != (0, 0):  # the centroids in pixels are then slide pixels too, like the geometry
+        for row in rows.values():
+            for key, shift in (("centroid_x_px", origin[0]), ("centroid_y_px", origin[1])):
+                if key in row:
+                    row[key] += shift
+    names = QUPATH_NAMES if class_map is None else class_map.export_names
     features = [
-        detection_feature(ring.tolist(), nucleus_id, rows.get(nucleus_id, {}), image_name)
-        for nucleus_id, ring in nucleus_polygons(label).items()
+        nucleus_feature(
+            geojson_geometry(geometry),
+            nucleus_id,
+            rows.get(nucleus_id, {}),
+            image_name,
+            object_type=object_type,
+            class_names=names,
+        )
+        for nucleus_id, geometry in nucleus_geometries(label, origin).items()
     ]
     return {"type": "FeatureCollection", "features": features}
+
+
+def nucleus_feature(
+    geometry: dict[str, Any],
+    nucleus_id: int,
+    measurements: dict[str, float],
+    image_name: str = "",
+    *,
+    object_type: str = "detection",
+    class_names: tuple[str, str, str] = QUPATH_NAMES,
+) -> dict[str, Any]:
+    """One nucleus as a QuPath ``Feature`` (structure in the module docstring): its GeoJSON ``geometry``, type
+    ``object_type`` (``detection`` or ``annotation``), class ``nucleus_id % 3`` named by ``class_names``, and
+    ``measurements`` after its ``id``."""
+    if object_type not in OBJECT_TYPES:
+        raise ValueError(f"object_type must be one of {', '.join(OBJECT_TYPES)}, got {object_type!r}")
+    c = nucleus_id % 3
+    return {
+        "type": "Feature",
+        "id": str(uuid.uuid5(_NAMESPACE, f"{image_name}/{nucleus_id}")),
+        "geometry": geometry,
+        "properties": {
+            "objectType": object_type,
+            "classification": {"name": class_names[c], "color": list(CLASS_COLORS[c])},
+            "measurements": {"id": nucleus_id, **measurements},
+        },
+    }
 
 
 def detection_feature(
     ring: list[list[float]], nucleus_id: int, measurements: dict[str, float], image_name: str = ""
 ) -> dict[str, Any]:
-    """One nucleus as a QuPath detection ``Feature`` (structure in the module docstring): its closed ``ring`` of
-    ``[x, y]`` positions, class ``nucleus_id % 3``, and ``measurements`` after its ``id``."""
-    c = nucleus_id % 3
-    return {
-        "type": "Feature",
-        "id": str(uuid.uuid5(_NAMESPACE, f"{image_name}/{nucleus_id}")),
-        "geometry": {"type": "Polygon", "coordinates": [ring]},
-        "properties": {
-            "objectType": "detection",
-            "classification": {"name": QUPATH_NAMES[c], "color": list(CLASS_COLORS[c])},
-            "measurements": {"id": nucleus_id, **measurements},
-        },
-    }
+    """One nucleus as a QuPath detection ``Feature`` with a one-ring ``Polygon`` (closed ``ring`` of ``[x, y]``
+    positions): :func:`nucleus_feature`, as the slide export writes it."""
+    return nucleus_feature({"type": "Polygon", "coordinates": [ring]}, nucleus_id, measurements, image_name)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -254,9 +363,13 @@ def write_outputs(
 
 __all__ = [
     "CLASS_COLORS",
+    "OBJECT_TYPES",
     "QUPATH_NAMES",
     "detection_feature",
+    "geojson_geometry",
     "mask_polygon",
+    "nucleus_feature",
+    "nucleus_geometries",
     "nucleus_polygons",
     "outlines",
     "output_files",
