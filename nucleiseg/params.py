@@ -231,6 +231,9 @@ class PromoteParams(_Section):
     model_name: str = "nucleiseg"
     metric: str = "all.f1"  # a figure with a known direction (nucleiseg.registry.metric_direction), not a count
     tie_breaker: str = "all.dice"
+    # Whether the register stage adds a version (nucleiseg.registration.RegisterMode): auto registers every run
+    # but a DVC experiment (`dvc exp run`), always registers experiments too, never nothing.
+    registration: Literal["auto", "always", "never"] = "auto"
 
     @field_validator("metric", "tie_breaker")
     @classmethod

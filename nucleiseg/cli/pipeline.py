@@ -10,6 +10,7 @@ takes ``champion``.
 
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -17,6 +18,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from nucleiseg.cli.app import ForceOption, ParamsOption, SetOption, app, fail, read_params
+from nucleiseg.registration import RegistrationDecision, registration_decision
 
 if TYPE_CHECKING:
     from nucleiseg.params import Params
@@ -145,6 +147,24 @@ def register_from_files(
     return result
 
 
+def skip_registration(
+    settings: Params, policy: RegistrationDecision, model_dir: Path, out: Path | None, force: bool = False
+) -> dict[str, Any]:
+    """Record in ``out`` that the model of ``model_dir`` was not registered, and why (``policy``); nothing is
+    loaded, scored or written to the registry. Returns what ``out`` holds."""
+    _claim_report(out, [], force)
+    uri_file = model_dir / "model_uri"
+    result = {
+        "model_name": settings.promote.model_name,
+        "version": None,
+        "source": uri_file.read_text().strip() if uri_file.is_file() else None,
+        "registration": policy.to_dict(),
+    }
+    typer.secho(f"{settings.promote.model_name}: not registered. {policy.reason}", fg=typer.colors.YELLOW)
+    _write_report(out, result)
+    return result
+
+
 def _predictor(settings: Params, model_uri: str) -> Any:
     """The model at ``model_uri`` with the tiling and post-processing of params (as `nucleiseg score`)."""
     from nucleiseg.infer import InferSettings, PostSettings, load_predictor, settings_from
@@ -200,9 +220,15 @@ def register_command(
 ) -> None:
     """Score the trained model on the current test split, register it as a new version (alias challenger) tagged
     with those figures and its provenance, then run the promotion gate: it becomes champion only if it beats
-    the champion and passes a smoke test. Scoring uses the params sections infer and post, as `nucleiseg score`."""
+    the champion and passes a smoke test. Scoring uses the params sections infer and post, as `nucleiseg score`.
+    Inside `dvc exp run` it registers nothing (and records why in --out) unless promote.registration is always."""
     settings = read_params(params, set_)
     splits = splits or Path(settings.data.prepared) / "splits.json"
+    policy = registration_decision(settings.promote.registration, os.environ)
+    if not policy.register:
+        skip_registration(settings, policy, model_dir or Path(settings.train.out_dir), out, force)
+        typer.echo(f"-> {out}")
+        return
     register_from_files(
         settings,
         model_dir or Path(settings.train.out_dir),
