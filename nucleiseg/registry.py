@@ -326,11 +326,37 @@ def register_model(
         "registered.time": _now(),
         **_trained_on_tags(trained_on),
     }
-    version = client.create_model_version(
-        name, source, run_id=source_run_id or run_id, tags=tags, model_id=model_id
-    ).version
+    if model_id is not None:
+        import mlflow
+
+        # mlflow.register_model also records the version on the LoggedModel (its mlflow.modelVersions tag): the
+        # UI then shows the logged model as registered and links the version page to it, which
+        # MlflowClient.create_model_version does not do. The version's run is the LoggedModel's source run.
+        with _store_in_force(tracking_uri):
+            version = mlflow.register_model(source, name, tags=tags).version
+    else:  # a model folder or artifact URI: no LoggedModel to link
+        version = client.create_model_version(name, source, run_id=source_run_id or run_id, tags=tags).version
     client.set_registered_model_alias(name, CHALLENGER, str(version))
     return str(version)
+
+
+@contextlib.contextmanager
+def _store_in_force(tracking_uri: str | None) -> Iterator[None]:
+    """MLflow's fluent API pointed at ``tracking_uri`` (tracking and registry) for the block, then back; nothing
+    changes when it is None or already in force (``mlflow.register_model`` has no store argument)."""
+    import mlflow
+
+    before = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    if tracking_uri is None or before == (tracking_uri, tracking_uri):
+        yield
+        return
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_registry_uri(tracking_uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(before[0])
+        mlflow.set_registry_uri(before[1])
 
 
 def _trained_on_tags(names: Sequence[str] | None) -> dict[str, str]:

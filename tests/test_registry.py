@@ -143,6 +143,18 @@ def test_register_tags_provenance_and_sets_challenger(store: Store) -> None:
     assert _aliases(store, "reg") == {CHALLENGER: "2"}  # the alias moves to the newest version
 
 
+def test_a_version_is_linked_to_its_logged_model(store: Store) -> None:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(store.uri, store.uri)
+    model_id = store.model_uri.removeprefix("models:/")
+    version = _register(store, "linked", 0.5)
+    assert client.get_model_version("linked", version).source == store.model_uri  # the version names its model
+    # ... and the LoggedModel lists the version (MLflow's own tag), which its page shows as "Registered".
+    listed = json.loads(client.get_logged_model(model_id).tags["mlflow.modelVersions"])
+    assert [str(entry["version"]) for entry in listed if entry["name"] == "linked"] == [version]
+
+
 def test_gate_first_champion_then_better_promoted_then_worse_rejected(store: Store) -> None:
     name = "gate"
     v1 = _register(store, name, 0.5)
