@@ -24,6 +24,39 @@ def tracking_uri(configured: str) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or configured
 
 
+class StoreNotFoundError(RuntimeError):
+    """No MLflow store to read a model from; the message names what to set."""
+
+
+def existing_store_uri(configured: str | None) -> str:
+    """The MLflow store to load a registered or logged model from, checked to exist (reading never creates one).
+
+    ``MLFLOW_TRACKING_URI`` when set, else ``configured`` (the project's ``tracking.uri``; None outside a
+    project). Raises :class:`StoreNotFoundError` when there is neither, or when a local store (SQLite file, or a
+    ``file:`` / plain folder) does not exist: MLflow would silently create an empty one, such as
+    ``./mlruns/mlflow.db`` in whatever folder the command was run from, and then report the model missing.
+    """
+    uri = tracking_uri(configured or "")
+    if not uri:
+        raise StoreNotFoundError(
+            "an MLflow model URI (models:/, runs:/) needs a tracking store: set MLFLOW_TRACKING_URI (e.g. "
+            "sqlite:////path/to/project/mlruns/mlflow.db), or run from the project folder or give --params"
+        )
+    if uri.startswith("sqlite:///"):
+        local: Path | None = Path(uri.removeprefix("sqlite:///"))
+    elif uri.startswith("file:") or "://" not in uri:
+        local = Path(uri.removeprefix("file://").removeprefix("file:"))
+    else:
+        local = None  # a server (http, databricks, ...): it answers for itself
+    if local is not None and not local.exists():
+        source = "MLFLOW_TRACKING_URI" if os.environ.get("MLFLOW_TRACKING_URI") else "tracking.uri"
+        raise StoreNotFoundError(
+            f"{local.resolve()}: no MLflow store there ({source} = {uri}); train and register a model first, "
+            "or set MLFLOW_TRACKING_URI to the store that holds the model"
+        )
+    return uri
+
+
 def configure(uri: str, experiment: str, artifacts: str | os.PathLike[str] | None = None) -> str:
     """Point MLflow at the store and select (creating if needed) the experiment; return its id.
 

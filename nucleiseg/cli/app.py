@@ -44,6 +44,25 @@ def read_params(params: Path, overrides: list[str] | None) -> Params:
         raise AssertionError from exc  # unreachable: fail() exits
 
 
+def use_model_store(settings: Params, in_project: bool) -> None:
+    """Point MLflow (tracking and registry) at the store holding the ``models:/`` or ``runs:/`` model a command
+    loads: ``MLFLOW_TRACKING_URI``, else the project's ``tracking.uri``; none is assumed outside a project
+    (``in_project``: a params file was read). Exit 1 naming what to set when there is no such store, rather than
+    let MLflow create an empty one in the working directory (:func:`nucleiseg.tracking.existing_store_uri`)."""
+    from nucleiseg.tracking import StoreNotFoundError, existing_store_uri
+
+    try:
+        uri = existing_store_uri(settings.tracking.uri if in_project else None)
+    except StoreNotFoundError as exc:
+        fail(str(exc))
+        return
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    if not os.environ.get("MLFLOW_REGISTRY_URI"):  # a separate registry given by the user stays theirs
+        mlflow.set_registry_uri(uri)
+
+
 def prefect_env() -> None:
     """Defaults for Prefect's ephemeral API, which starts in a subprocess: time for a loaded machine, offline."""
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "60")

@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
-from nucleiseg.cli.app import ForceOption, ParamsOption, SetOption, app, fail, read_params
+from nucleiseg.cli.app import ForceOption, ParamsOption, SetOption, app, fail, read_params, use_model_store
 
 DEFAULT_PARAMS = Path("params.yaml")
 SUMMARY_NAME = "summary.json"
@@ -85,7 +85,8 @@ def predict(
     from nucleiseg.outputs import OutputError, OutputFolder, file_sha256
 
     # The default params.yaml is optional (predict runs outside the project too); an explicit one is not.
-    settings = read_params(params if (params != DEFAULT_PARAMS or params.is_file()) else None, set_)
+    in_project = params != DEFAULT_PARAMS or params.is_file()
+    settings = read_params(params if in_project else None, set_)
     infer = settings_from(InferSettings, settings.infer.model_dump())
     if tta is not None:
         infer = InferSettings(**{**infer.__dict__, "tta": tta})
@@ -101,13 +102,7 @@ def predict(
     except OutputError as exc:
         fail(str(exc))
     if is_mlflow_uri(model):
-        import mlflow
-
-        from nucleiseg.tracking import tracking_uri
-
-        uri = tracking_uri(settings.tracking.uri)
-        mlflow.set_tracking_uri(uri)
-        mlflow.set_registry_uri(uri)
+        use_model_store(settings, in_project)
     try:
         predictor = load_predictor(model, device=device)
     except (ModelLoadError, ValueError) as exc:  # ValueError: an unavailable --device

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from nucleiseg.cli.app import ForceOption, ParamsOption, SetOption, app, fail, read_params
+from nucleiseg.cli.app import ForceOption, ParamsOption, SetOption, app, fail, read_params, use_model_store
 
 DEFAULT_PARAMS = Path("params.yaml")
 
@@ -61,7 +61,8 @@ def slide_command(
     from nucleiseg.streaming import SlideSettings, segment_slide, slide_name, slide_output_paths
     from nucleiseg.wsi import SlideError
 
-    settings = read_params(params if (params != DEFAULT_PARAMS or params.is_file()) else None, set_)
+    in_project = params != DEFAULT_PARAMS or params.is_file()
+    settings = read_params(params if in_project else None, set_)
     if mask is not None and len(slides) != 1:
         fail("--mask belongs to one slide: give a single slide with it", code=2)
     names = [slide_name(s) for s in slides]
@@ -76,9 +77,7 @@ def slide_command(
         return
     model_ref = model or f"models:/{settings.promote.model_name}@champion"
     if is_mlflow_uri(model_ref):
-        from nucleiseg import tracking
-
-        tracking.configure(settings.tracking.uri, settings.tracking.experiment, settings.tracking.artifacts)
+        use_model_store(settings, in_project)
     from pipelines.batch_inference import resolve_model
 
     try:
