@@ -1,11 +1,17 @@
 """Batch inference (Prefect 3): segment every image of a folder with one trained model, skipping what is done.
 
-``batch_inference`` loads the model once, maps one ``predict-image`` task over the images, and ends with a
+:func:`run_batch` loads the model once, maps one ``predict-image`` task over the images, and ends with a
 summary of what succeeded, what was skipped and what failed, and why::
 
     resolve the model (a registry alias becomes a fixed version) -> load it once
       -> for each image: skip if up to date, else predict-image (mapped; threads, or Dask)
-      -> OUT_DIR/batch_summary.json + a Prefect Markdown artifact (key ``batch-inference``)
+      -> OUT_DIR/batch_summary.json + a Prefect Markdown artifact (key ``batch-inference``, in a flow run)
+
+It runs in one of two ways (:mod:`pipelines.execution` defines them and says why): :func:`batch_inference`, a
+Prefect flow run, when a Prefect API is configured (``PREFECT_API_URL``, e.g. ``make prefect-server``); else
+:func:`run_batch_locally`, the same steps as plain calls without Prefect, because Prefect 3 would otherwise
+start a temporary API server on every call (seconds to tens of seconds). :func:`batch` picks; ``nucleiseg
+batch`` calls it. Outputs, summary, skipping and failures are the same either way.
 
 Per image ``NAME`` the outputs are those of :func:`nucleiseg.infer.predict_file` (``NAME_label.png``,
 ``NAME_overlay.png``, ``NAME.geojson``, ``NAME_nuclei.csv``; :func:`nucleiseg.export.output_paths`), each
@@ -48,14 +54,16 @@ failure in the summary and still completes: it did its job, which is to process 
 The caller decides what a failure means (``nucleiseg batch`` exits 1). Only an unusable model or output
 folder fails the flow itself (before any image is touched).
 
-Task runners: ``runner="threads"`` (default) runs the mapped tasks on a :class:`ThreadPoolTaskRunner` of
-``workers`` threads (default 2) that share the one loaded model (PyTorch and most of the post-processing
-release the GIL, so one image's network pass overlaps another's post-processing and writing).
-``runner="dask"`` runs them on ``prefect_dask.DaskTaskRunner`` (``pip install prefect-dask``): a local cluster
-of ``workers`` processes, or the scheduler at ``dask_address``. A model cannot be shared across processes, so
-on Dask each worker process loads the pinned model once (the flow still loads it first, to fail fast). The
-runner is a flow argument, entered inside the flow run, so it is recorded with the run's parameters and its
-task runs belong to this flow run.
+Runners: ``runner="threads"`` (default) runs the mapped tasks on ``workers`` threads (default 2; Prefect's
+:class:`ThreadPoolTaskRunner` in a flow run) that share the one loaded model (PyTorch and most of the
+post-processing release the GIL, so one image's network pass overlaps another's post-processing and writing).
+``runner="dask"`` runs them on Dask (``pip install prefect-dask``; ``prefect_dask.DaskTaskRunner`` in a flow
+run, a ``dask.distributed`` client's executor without Prefect): a local cluster of ``workers`` processes, or
+the scheduler at ``dask_address``. A model cannot be shared across processes, so on Dask each worker process
+loads the pinned model once (the batch still loads it first, to fail fast). The runner is a flow argument,
+entered inside the flow run, so it is recorded with the run's parameters and its task runs belong to this flow
+run. Spatial reports always run on threads of the calling process. ``progress``: a progress bar per step
+(images, spatial reports, slide chunks) with the time remaining, on stderr.
 
 Caching: none in Prefect (``NO_CACHE``): the tasks' products are files, and whether they are current is the
 up-to-date rule above, which Prefect's input hashing could not express (and the model must not be hashed).
@@ -73,15 +81,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
-from prefect import flow, get_run_logger, task, unmapped
+from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
-from prefect.futures import wait
 from prefect.runtime import flow_run
-from prefect.task_runners import ThreadPoolTaskRunner
-from prefect.utilities.annotations import quote
 
 from nucleiseg.export import output_files, output_paths
 from nucleiseg.infer import (
@@ -96,6 +101,16 @@ from nucleiseg.infer import (
 )
 from nucleiseg.io import write_json_atomic
 from nucleiseg.outputs import OutputError, OutputFolder, file_sha256, is_owned, record_files
+from pipelines.execution import (
+    RUNNERS,
+    LocalMapper,
+    Mapper,
+    PrefectMapper,
+    Runner,
+    RunnerError,
+    prefect_api_configured,
+    run_logger,
+)
 
 if TYPE_CHECKING:
     from nucleiseg.params import Params
@@ -104,8 +119,6 @@ SUMMARY_NAME = "batch_summary.json"
 ARTIFACT_KEY = "batch-inference"
 DEFAULT_MODEL = "models:/nucleiseg@champion"
 DEFAULT_WORKERS = 2
-Runner = Literal["threads", "dask"]
-RUNNERS = ("threads", "dask")
 # Statuses of earlier runs whose outputs may be reused.
 _REUSABLE = ("ok", "skipped")
 
@@ -350,8 +363,7 @@ def plan_images(
 # --- tasks ------------------------------------------------------------------------------------------
 
 
-@task(name="predict-image", task_run_name="predict-{name}", cache_policy=NO_CACHE, persist_result=False)
-def predict_image_task(
+def predict_image(
     path: str,
     name: str,
     out_dir: str,
@@ -367,15 +379,20 @@ def predict_image_task(
         result = predict_file(predictor, path, out_dir, infer, post, name)
     except (ValueError, OSError) as exc:
         error = _error_message(path, exc)
-        get_run_logger().warning(f"failed: {error}")
+        run_logger().warning(f"failed: {error}")
         seconds = round(time.perf_counter() - started, 3)
         return FileResult(path, name, "failed", error, seconds=seconds).as_dict()
     record_files(out_dir, result.outputs.values())
     return result.as_dict()
 
 
-@task(name="spatial-report", task_run_name="spatial-{name}", cache_policy=NO_CACHE, persist_result=False)
-def spatial_report_task(image_path: str, name: str, out_dir: str, spatial: Any, default_mpp: float) -> dict[str, Any]:
+# A module-level function under its own name, so that Dask workers unpickle it by reference (LocalMapper).
+predict_image_task = task(
+    predict_image, name="predict-image", task_run_name="predict-{name}", cache_policy=NO_CACHE, persist_result=False
+)
+
+
+def spatial_report(image_path: str, name: str, out_dir: str, spatial: Any, default_mpp: float) -> dict[str, Any]:
     """Write ``NAME_spatial.html`` / ``.json`` from ``NAME_nuclei.csv``, ``NAME_label.png`` and the image (recorded
     as owned); returns their paths, or ``{"error": ...}`` for a report that cannot be made. ``default_mpp``: the
     scale of a table without rows (which carries no ``um_per_px``)."""
@@ -395,10 +412,15 @@ def spatial_report_task(image_path: str, name: str, out_dir: str, spatial: Any, 
         )  # fmt: skip
     except (ValueError, OSError) as exc:
         error = _error_message(image_path, exc)
-        get_run_logger().warning(f"spatial report failed: {error}")
+        run_logger().warning(f"spatial report failed: {error}")
         return {"error": error}
     record_files(out_dir, paths.values())
     return {key: str(path) for key, path in paths.items()}
+
+
+spatial_report_task = task(
+    spatial_report, name="spatial-report", task_run_name="spatial-{name}", cache_policy=NO_CACHE, persist_result=False
+)
 
 
 def report_current(out_dir: Path, name: str, spatial: Any) -> bool:
@@ -438,30 +460,10 @@ def log_reports_to_mlflow(out_dir: Path, names: list[str]) -> int:
 # --- the flow ---------------------------------------------------------------------------------------
 
 
-def task_runner(runner: str, workers: int, dask_address: str | None = None) -> Any:
-    """A fresh Prefect task runner: ``ThreadPoolTaskRunner`` or ``prefect_dask.DaskTaskRunner``."""
-    if workers < 1:
-        raise BatchInferenceError(f"workers must be >= 1, got {workers}")
-    if runner == "threads":
-        return ThreadPoolTaskRunner(max_workers=workers)
-    if runner == "dask":
-        try:
-            from prefect_dask import DaskTaskRunner
-        except ImportError:
-            raise BatchInferenceError(
-                "runner 'dask' needs the prefect-dask package (pip install prefect-dask); "
-                "use runner 'threads' on one machine"
-            ) from None
-        if dask_address:
-            return DaskTaskRunner(address=dask_address)
-        return DaskTaskRunner(cluster_kwargs={"n_workers": workers, "threads_per_worker": 1})
-    raise BatchInferenceError(f"unknown runner {runner!r}; expected one of {', '.join(RUNNERS)}")
-
-
-def _task_model(runner: str, predictor: Predictor, resolved: ModelVersionInfo, device: str) -> Any:
+def _task_model(mapper: Mapper, predictor: Predictor, resolved: ModelVersionInfo, device: str) -> Any:
     """What tasks get as the model: the shared predictor (threads), or where each Dask worker loads it from."""
-    if runner == "threads":
-        return quote(predictor)  # shared in memory; quote: Prefect must not introspect the model
+    if mapper.shares_memory:
+        return predictor
     import mlflow
 
     return ModelSource(
@@ -525,13 +527,80 @@ def batch_inference(
     slide: dict[str, Any] | None = None,
     slide_mpp: float | None = None,
     spatial: dict[str, Any] | None = None,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """The batch as a Prefect flow run (a Prefect API must be configured, or Prefect starts a temporary one):
+    :func:`run_batch` with its mapped steps as task runs on a Prefect task runner. ``progress``: progress bars
+    on stderr (:class:`pipelines.execution.ProgressBars`)."""
+    try:
+        mapper = PrefectMapper(runner, workers, dask_address, progress)
+    except RunnerError as exc:
+        raise BatchInferenceError(str(exc)) from None
+    with mapper:
+        return run_batch(
+            mapper, input_dir, out_dir, model_uri, infer, post, device, names, force, slide, slide_mpp, spatial
+        )
+
+
+def run_batch_locally(
+    input_dir: str,
+    out_dir: str,
+    model_uri: str = DEFAULT_MODEL,
+    infer: dict[str, Any] | None = None,
+    post: dict[str, Any] | None = None,
+    runner: Runner = "threads",
+    workers: int = DEFAULT_WORKERS,
+    device: str = "auto",
+    dask_address: str | None = None,
+    names: list[str] | None = None,
+    force: bool = False,
+    slide: dict[str, Any] | None = None,
+    slide_mpp: float | None = None,
+    spatial: dict[str, Any] | None = None,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """The batch without Prefect (no API, no server, nothing recorded in Prefect): :func:`run_batch` with its
+    mapped steps as plain calls on threads or a Dask cluster (:class:`pipelines.execution.LocalMapper`).
+    Same arguments and result as :func:`batch_inference`."""
+    try:
+        mapper = LocalMapper(runner, workers, dask_address, progress)
+    except RunnerError as exc:
+        raise BatchInferenceError(str(exc)) from None
+    with mapper:
+        return run_batch(
+            mapper, input_dir, out_dir, model_uri, infer, post, device, names, force, slide, slide_mpp, spatial
+        )
+
+
+def batch(**arguments: Any) -> dict[str, Any]:
+    """:func:`batch_inference` (a flow run) when a Prefect API is configured, else :func:`run_batch_locally`:
+    never a temporary Prefect server (see :mod:`pipelines.execution`). ``arguments``: those of either."""
+    if prefect_api_configured():
+        return batch_inference(**arguments)
+    return run_batch_locally(**arguments)
+
+
+def run_batch(
+    mapper: Mapper,
+    input_dir: str,
+    out_dir: str,
+    model_uri: str = DEFAULT_MODEL,
+    infer: dict[str, Any] | None = None,
+    post: dict[str, Any] | None = None,
+    device: str = "auto",
+    names: list[str] | None = None,
+    force: bool = False,
+    slide: dict[str, Any] | None = None,
+    slide_mpp: float | None = None,
+    spatial: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Segment every image of ``input_dir`` into ``out_dir`` with ``model_uri``, skipping images already done.
 
     ``model_uri``: a checkpoint file, a local MLflow model folder, or an MLflow URI (``models:/name@alias``,
     ``models:/name/3``, ``runs:/<id>/model``), resolved against the current MLflow configuration.
     ``infer`` (``tile``, ``overlap``, ``batch_size``, ``tta``) and ``post`` (``min_area``, ``radius``) default
-    to the model's own settings. ``runner``, ``workers``, ``dask_address``: see the module docstring.
+    to the model's own settings. ``mapper`` runs the mapped steps (images, slide chunks, spatial reports): in a
+    Prefect flow run or without Prefect, on threads or Dask (:mod:`pipelines.execution`; module docstring).
     ``names``: only the images with these file stems (e.g. a split of a dataset folder); all when None.
     ``force``: replace existing outputs that nucleiseg did not write (see "Output safety").
     Slides in ``input_dir`` (``nucleiseg.wsi.is_slide``) go through :func:`pipelines.slide_inference.run_slides`
@@ -545,7 +614,7 @@ def batch_inference(
     :class:`ModelLoadError` for an unusable model and :class:`BatchInferenceError` for unusable folders or
     runner, before any image is processed.
     """
-    logger = get_run_logger()
+    logger = run_logger()
     started = time.perf_counter()
     source_dir, out = Path(input_dir), Path(out_dir)
     if not source_dir.is_dir():
@@ -555,7 +624,6 @@ def batch_inference(
         folder = OutputFolder(out, [source_dir], force)
     except OutputError as exc:
         raise BatchInferenceError(str(exc)) from None
-    runner_obj = task_runner(runner, workers, dask_address)  # fail on a missing prefect-dask before loading
 
     resolved = resolve_model(model_uri)
     predictor = load_predictor(resolved.load_ref, device)
@@ -611,14 +679,15 @@ def batch_inference(
         summary = {
             "flow": "batch-inference",
             "flow_run_id": str(flow_run.id) if flow_run.id else None,
+            "orchestrated": mapper.orchestrated,
             "input_dir": str(source_dir),
             "out_dir": str(out),
             "finished": datetime.now(UTC).isoformat(timespec="seconds"),
             "model": resolved.as_dict(),
             "device": predictor.device,
             "settings": settings,
-            "runner": runner,
-            "workers": workers,
+            "runner": mapper.runner,
+            "workers": mapper.workers,
             "seconds": round(time.perf_counter() - started, 3),
             "inputs": len(results),
             **counts,
@@ -633,57 +702,50 @@ def batch_inference(
         # Recorded before any output is rewritten: if this run is interrupted, the images it was working on
         # are "pending" (never reused) under this model, instead of looking up to date under the previous one.
         write_summary()
-        model = _task_model(runner, predictor, resolved, device)
-        with runner_obj:
-            futures = runner_obj.map(
-                predict_image_task,
-                {
-                    "path": [str(p.path) for p in todo],
-                    "name": [p.name for p in todo],
-                    "out_dir": unmapped(str(out)),
-                    "model": unmapped(model),
-                    "infer": unmapped(infer_s),
-                    "post": unmapped(post_s),
-                },
-            )
-            wait(futures)
-            for item, future in zip(todo, futures, strict=True):
-                if future.state.is_completed():
-                    item.entry = {**future.result(), "reason": item.reason}
-                else:  # a bug (see "Failures"): the task's exception, returned rather than raised
-                    error = _error_message(str(item.path), future.result(raise_on_failure=False))
-                    logger.warning(f"failed: {error}")
-                    failed = FileResult(str(item.path), item.name, "failed", error).as_dict()
-                    item.entry = {**failed, "reason": item.reason}
+        outcomes = mapper.map(
+            predict_image_task,
+            {"path": [str(p.path) for p in todo], "name": [p.name for p in todo]},
+            {"out_dir": str(out), "model": _task_model(mapper, predictor, resolved, device), "infer": infer_s,
+             "post": post_s},
+            label="images",
+        )  # fmt: skip
+        for item, outcome in zip(todo, outcomes, strict=True):
+            if isinstance(outcome, dict):
+                item.entry = {**outcome, "reason": item.reason}
+            else:  # a bug (see "Failures"): the task's exception, returned rather than raised
+                error = _error_message(str(item.path), outcome)
+                logger.warning(f"failed: {error}")
+                failed = FileResult(str(item.path), item.name, "failed", error).as_dict()
+                item.entry = {**failed, "reason": item.reason}
 
     spatial_s = spatial_settings(spatial or {})
     done = [p for p in planned if p.entry is not None and p.entry.get("status") in _REUSABLE]
     stale = [p for p in done if p.entry["status"] == "ok" or not report_current(out, p.name, spatial_s)]
-    if stale:
-        futures = spatial_report_task.map(
-            [str(p.path) for p in stale], [p.name for p in stale], unmapped(str(out)), unmapped(spatial_s),
-            unmapped(predictor.mpp),
-        )  # fmt: skip
-        wait(futures)
-        for item, future in zip(stale, futures, strict=True):
-            report = future.result(raise_on_failure=False)
-            item.entry["spatial_report"] = report if isinstance(report, dict) else {"error": str(report)}
+    reports = mapper.map(
+        spatial_report_task,
+        {"image_path": [str(p.path) for p in stale], "name": [p.name for p in stale]},
+        {"out_dir": str(out), "spatial": spatial_s, "default_mpp": predictor.mpp},
+        label="spatial reports",
+        where="threads",  # small and local: files in, files out, no network
+    )
+    for item, report in zip(stale, reports, strict=True):
+        item.entry["spatial_report"] = report if isinstance(report, dict) else {"error": str(report)}
     logged = log_reports_to_mlflow(out, [p.name for p in done])
     if logged:
         logger.info(f"{logged} spatial report files logged to the active MLflow run (artifacts: spatial/)")
 
     if slides:
         write_summary()
-        slide_runner = runner_obj if not todo else task_runner(runner, workers, dask_address)  # a runner runs once
         slide_entries[:] = run_slides(
-            slide_runner, slides, out, _task_model(runner, predictor, resolved, device), predictor,
+            mapper, slides, out, _task_model(mapper, predictor, resolved, device), predictor,
             resolved.as_dict(), infer_s, post_s, SlideSettings.from_mapping(slide or {}), slide_mpp, folder.record,
             spatial_settings(spatial or {}),
         )  # fmt: skip
     summary = write_summary()
-    create_markdown_artifact(
-        key=ARTIFACT_KEY, markdown=summary_markdown(summary), description=f"Batch inference of {source_dir}"
-    )
+    if mapper.orchestrated:  # an artifact needs a flow run (and its API)
+        create_markdown_artifact(
+            key=ARTIFACT_KEY, markdown=summary_markdown(summary), description=f"Batch inference of {source_dir}"
+        )
     logger.info(f"{summary['ok']} done, {summary['skipped']} skipped, {summary['failed']} failed; {out / SUMMARY_NAME}")
     return summary
 
@@ -730,21 +792,27 @@ def flow_arguments(
 __all__ = [
     "ARTIFACT_KEY",
     "DEFAULT_MODEL",
+    "RUNNERS",
     "SUMMARY_NAME",
     "BatchInferenceError",
     "ModelSource",
     "ModelVersionInfo",
     "PlannedImage",
+    "batch",
     "batch_inference",
     "flow_arguments",
     "log_reports_to_mlflow",
     "plan_images",
+    "predict_image",
+    "predict_image_task",
     "read_previous_summary",
     "report_current",
     "resolve_model",
+    "run_batch",
+    "run_batch_locally",
+    "spatial_report",
     "spatial_report_task",
     "summary_markdown",
-    "task_runner",
     "up_to_date",
     "worker_predictor",
 ]

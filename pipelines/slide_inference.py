@@ -1,7 +1,7 @@
 """Whole slides in the batch-inference flow: the chunks of every slide as mapped Prefect tasks (threads or Dask).
 
-``batch_inference`` hands its slides (:func:`nucleiseg.wsi.is_slide`: slide formats, tiled TIFFs) to
-:func:`run_slides`, inside the flow run::
+``batch_inference`` (and its run without Prefect, :mod:`pipelines.execution`) hands its slides
+(:func:`nucleiseg.wsi.is_slide`: slide formats, tiled TIFFs) to :func:`run_slides`::
 
     per slide, in the flow: plan (resolution, tissue, chunks, the slide's stain; nucleiseg.streaming.plan_slide)
       -> up to date? (its summary has this run's fingerprint and every output exists): skipped
@@ -28,9 +28,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from prefect import get_run_logger, task, unmapped
+from prefect import task
 from prefect.cache_policies import NO_CACHE
-from prefect.futures import wait
 
 from nucleiseg.infer import FileResult, InferSettings, PostSettings, Predictor
 from nucleiseg.streaming import (
@@ -46,6 +45,7 @@ from nucleiseg.streaming import (
 )
 from nucleiseg.wsi import SlideError
 from pipelines.batch_inference import ModelSource, worker_predictor
+from pipelines.execution import Mapper, run_logger
 
 _plans: dict[tuple[str, str], SlidePlan] = {}
 _plans_lock = threading.Lock()
@@ -75,10 +75,7 @@ def _plan_of(work: str, fingerprint: str) -> SlidePlan:
         return plan
 
 
-@task(name="predict-chunk", task_run_name="chunk-{name}-{key}", cache_policy=NO_CACHE, persist_result=False)
-def predict_chunk_task(
-    work: str, fingerprint: str, name: str, key: str, model: Predictor | ModelSource
-) -> dict[str, Any]:
+def predict_chunk(work: str, fingerprint: str, name: str, key: str, model: Predictor | ModelSource) -> dict[str, Any]:
     """Segment one chunk and commit its nuclei; an unreadable region gives ``{"error": ...}`` naming the file."""
     plan = _plan_of(work, fingerprint)
     predictor = model if isinstance(model, Predictor) else worker_predictor(model)
@@ -86,10 +83,16 @@ def predict_chunk_task(
         result = segment_chunk(plan, plan.chunk(key), predictor)
     except (SlideError, ValueError, OSError) as exc:
         message = str(exc) if plan.path in str(exc) else f"{plan.path}: {exc}"
-        get_run_logger().warning(f"failed: {type(exc).__name__}: {message}")
+        run_logger().warning(f"failed: {type(exc).__name__}: {message}")
         return {"key": key, "error": f"{type(exc).__name__}: {message}"}
     ChunkStore(work, fingerprint).commit(result)
     return result.stats
+
+
+# A module-level function under its own name, so that Dask workers unpickle it by reference.
+predict_chunk_task = task(
+    predict_chunk, name="predict-chunk", task_run_name="chunk-{name}-{key}", cache_policy=NO_CACHE, persist_result=False
+)
 
 
 def _entry(path: Path, status: str, reason: str, **fields: Any) -> dict[str, Any]:
@@ -107,7 +110,7 @@ def _done_entry(path: Path, summary: Mapping[str, Any], status: str, reason: str
 
 
 def run_slides(
-    runner: Any,
+    mapper: Mapper,
     slides: list[Path],
     out: Path,
     model: Predictor | ModelSource,
@@ -120,12 +123,13 @@ def run_slides(
     record: Callable[[list[Path]], None] | None = None,
     spatial: Any = None,
 ) -> list[dict[str, Any]]:
-    """Segment ``slides`` into ``out`` on ``runner`` (a fresh Prefect task runner, entered here); returns one
+    """Segment ``slides`` into ``out``, the chunks of all of them mapped by ``mapper`` (in a Prefect flow run or
+    without Prefect, on threads or Dask: :mod:`pipelines.execution`; a progress bar over chunks); returns one
     summary entry per slide (module docstring). ``model``: what the tasks use (the shared predictor, or a
     :class:`ModelSource` for Dask workers); ``predictor``: the flow's own, for planning. ``record`` is called
     with the paths written for each finished slide (output ownership). ``spatial``: the spatial report's
     :class:`nucleiseg.spatial.SpatialSettings` (None: its defaults)."""
-    logger = get_run_logger()
+    logger = run_logger()
     entries: dict[Path, dict[str, Any]] = {}
     active: list[tuple[Path, SlidePlan, Any, ChunkStore, list[str], float]] = []
     identity = str(model_info.get("identity", ""))
@@ -153,27 +157,24 @@ def run_slides(
 
     failures: dict[Path, str] = {}
     jobs = [(path, plan, store, key) for path, plan, _, store, todo, _ in active for key in todo]
-    if jobs:
-        with runner:
-            futures = runner.map(
-                predict_chunk_task,
-                {
-                    "work": [str(store.folder) for _, _, store, _ in jobs],
-                    "fingerprint": [plan.fingerprint for _, plan, _, _ in jobs],
-                    "name": [plan.name for _, plan, _, _ in jobs],
-                    "key": [key for _, _, _, key in jobs],
-                    "model": unmapped(model),
-                },
-            )
-            wait(futures)
-            for (path, plan, _, key), future in zip(jobs, futures, strict=True):
-                if future.state.is_completed():
-                    error = future.result().get("error")
-                else:  # a bug: the task's exception, returned rather than raised
-                    exc = future.result(raise_on_failure=False)
-                    error = f"{type(exc).__name__}: {plan.path}: chunk {key}: {exc}"
-                if error and path not in failures:
-                    failures[path] = error
+    outcomes = mapper.map(
+        predict_chunk_task,
+        {
+            "work": [str(store.folder) for _, _, store, _ in jobs],
+            "fingerprint": [plan.fingerprint for _, plan, _, _ in jobs],
+            "name": [plan.name for _, plan, _, _ in jobs],
+            "key": [key for _, _, _, key in jobs],
+        },
+        {"model": model},
+        label="slide chunks",
+    )
+    for (path, plan, _, key), outcome in zip(jobs, outcomes, strict=True):
+        if isinstance(outcome, dict):
+            error = outcome.get("error")
+        else:  # a bug: the task's exception, returned rather than raised
+            error = f"{type(outcome).__name__}: {plan.path}: chunk {key}: {outcome}"
+        if error and path not in failures:
+            failures[path] = error
     for path, plan, thumbnail, store, todo, started in active:
         if path in failures:
             entries[path] = _entry(
@@ -188,4 +189,4 @@ def run_slides(
     return [entries[p] for p in slides]
 
 
-__all__ = ["predict_chunk_task", "run_slides", "split_slides"]
+__all__ = ["predict_chunk", "predict_chunk_task", "run_slides", "split_slides"]

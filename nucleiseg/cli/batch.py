@@ -1,13 +1,26 @@
-"""``nucleiseg batch``: the Prefect batch-inference flow (pipelines/batch_inference.py) over a folder of images."""
+"""``nucleiseg batch``: the Prefect batch-inference flow (pipelines/batch_inference.py) over a folder of images.
+
+A Prefect flow run when a Prefect API is configured (``PREFECT_API_URL``, e.g. ``make prefect-server``), else the
+same steps without Prefect: never a temporary Prefect server per call (pipelines/execution.py says why).
+"""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from nucleiseg.cli.app import ForceOption, ParamsOption, SetOption, app, fail, prefect_env, read_params
+from nucleiseg.cli.app import (
+    ForceOption,
+    ParamsOption,
+    SetOption,
+    app,
+    fail,
+    read_params,
+    use_model_store,
+)
 
 DEFAULT_PARAMS = Path("params.yaml")
 
@@ -44,6 +57,13 @@ def batch_command(
         float | None,
         typer.Option("--slide-mpp", min=0.0, help="Microns per pixel of slides whose metadata has none."),
     ] = None,
+    progress: Annotated[
+        bool | None,
+        typer.Option(
+            "--progress/--no-progress",
+            help="Progress bars with the time remaining, on stderr (default: on when stderr is a terminal).",
+        ),
+    ] = None,
 ) -> None:
     """Segment every image of INPUT_DIR with the champion model (or --model), as a Prefect flow.
 
@@ -53,17 +73,22 @@ def batch_command(
     model version used. Images already done by the same model version with the same settings, whose content
     (SHA-256) has not changed and whose outputs are as written, are skipped. A corrupt image fails alone; the
     exit code is 1 when any failed. MLflow URIs resolve against the params tracking store (or
-    MLFLOW_TRACKING_URI). OUT_DIR must be apart from INPUT_DIR; outputs nucleiseg did not write need --force.
+    MLFLOW_TRACKING_URI; outside a project, MLFLOW_TRACKING_URI is needed). OUT_DIR must be apart from
+    INPUT_DIR; outputs nucleiseg did not write need --force.
+
+    With a Prefect API configured (PREFECT_API_URL, e.g. after `make prefect-server`) the batch is a Prefect
+    flow run (task runs, logs and a summary artifact in the Prefect UI); without one it runs the same steps
+    without Prefect, and no server is started.
 
     Slides in INPUT_DIR (.svs, .ndpi, .mrxs, tiled TIFF, ...) are processed as `nucleiseg slide` does, their
     chunks mapped over the same runner (threads, or a Dask cluster with --runner dask).
     """
     # The default params.yaml is optional (batch runs outside the project too); an explicit one is not.
-    settings = read_params(params if (params != DEFAULT_PARAMS or params.is_file()) else None, set_)  # type: ignore[arg-type]
-    prefect_env()
+    in_project = params != DEFAULT_PARAMS or params.is_file()
+    settings = read_params(params if in_project else None, set_)  # type: ignore[arg-type]
     from nucleiseg.infer import ModelLoadError
     from nucleiseg.outputs import OutputError, OutputFolder
-    from pipelines.batch_inference import RUNNERS, SUMMARY_NAME, BatchInferenceError, batch_inference, flow_arguments
+    from pipelines.batch_inference import RUNNERS, SUMMARY_NAME, BatchInferenceError, batch, flow_arguments
 
     names = None
     if split is not None:
@@ -85,11 +110,9 @@ def batch_command(
         fail(f"--runner {arguments['runner']!r}: expected one of {', '.join(RUNNERS)}", code=2)
     uri = arguments["model_uri"]
     if "://" in uri or uri.startswith(("models:/", "runs:/")):
-        from nucleiseg import tracking
-
-        tracking.configure(settings.tracking.uri, settings.tracking.experiment, settings.tracking.artifacts)
+        use_model_store(settings, in_project)
     try:
-        summary = batch_inference(**arguments)
+        summary = batch(**arguments, progress=sys.stderr.isatty() if progress is None else progress)
     except (ModelLoadError, BatchInferenceError) as exc:
         fail(str(exc))
         return
