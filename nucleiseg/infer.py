@@ -706,13 +706,14 @@ def load_predictor(
     Other keys (``epoch``, metrics, params) are kept in :attr:`Predictor.info`.
 
     **MLflow model** (``models:/nucleiseg@champion``, ``runs:/<id>/model``, any URI with a scheme, or a
-    local MLflow model folder holding an ``MLmodel`` file): the network is loaded with
-    ``mlflow.pytorch.load_model`` and the other entries above (``norm_mean``, ``norm_std``, ``stain``,
-    ``infer``, ``post``; ``model_name`` and ``model_kwargs`` for the record) are read from the model's
-    ``metadata`` (``mlflow.pytorch.log_model(..., metadata={...})``, stored in the MLmodel file). The model
-    must be logged with ``serialization_format="pickle"`` (the whole ``nn.Module``): MLflow 3's default,
-    ``"pt2"``, stores a ``torch.export`` program specialised to the example's batch size. The tracking /
-    registry URI must be set beforehand for ``models:/`` and ``runs:/`` URIs (``mlflow.set_tracking_uri``).
+    local MLflow model folder holding an ``MLmodel`` file). The format training logs
+    (:mod:`nucleiseg.mlflow_model`, a pyfunc model) holds the state dict as ``artifacts/weights.safetensors`` and
+    the entries above as ``artifacts/config.json``; they are read with the installed nucleiseg, unpickling
+    nothing and running no code from the store. The older format, a pickled ``nn.Module``
+    (``mlflow.pytorch.log_model(..., serialization_format="pickle", metadata={...})`` with the entries above in
+    the MLmodel file's ``metadata``), is still read, with a :class:`PickledModelWarning`: unpickling runs the
+    code the pickle holds. The tracking / registry URI must be set beforehand for ``models:/`` and ``runs:/``
+    URIs (``mlflow.set_tracking_uri``).
 
     Raises :class:`ModelLoadError` naming the reference and the problem.
     """
@@ -728,8 +729,6 @@ def load_predictor(
 
 
 def _load_checkpoint(path: Path, device: str, factory: Callable[..., Any] | None) -> Predictor:
-    import inspect
-
     import torch
 
     try:
@@ -741,12 +740,33 @@ def _load_checkpoint(path: Path, device: str, factory: Callable[..., Any] | None
     missing = [k for k in CHECKPOINT_KEYS if k not in ckpt]
     if missing:
         raise ModelLoadError(f"{path}: checkpoint lacks {', '.join(missing)}")
+    info = {k: v for k, v in ckpt.items() if k not in ("state_dict", "stain")}
+    return predictor_from_state_dict(ckpt["state_dict"], ckpt, device, str(path), info, factory)
+
+
+def predictor_from_state_dict(
+    state_dict: Mapping[str, Any],
+    config: Mapping[str, Any],
+    device: str = "auto",
+    source: str = "",
+    info: dict[str, Any] | None = None,
+    factory: Callable[..., Any] | None = None,
+) -> Predictor:
+    """A :class:`Predictor` from a plain state dict (tensors by name) and the other entries of the checkpoint
+    contract of :func:`load_predictor` (``model_name``, ``model_kwargs``, ``norm_mean``, ``norm_std``, optional
+    ``stain``, ``infer``, ``post``, ``mpp``): the network is rebuilt by ``factory`` (default
+    ``nucleiseg.models.create_model``) and its weights loaded strictly. ``source`` names the model in errors."""
+    import inspect
+
+    missing = [k for k in ("model_name", "model_kwargs") if k not in config]
+    if missing:
+        raise ModelLoadError(f"{source}: lacks {', '.join(missing)}")
     if factory is None:
         from nucleiseg.models import create_model as factory
-    kwargs = dict(ckpt["model_kwargs"] or {})
-    name = kwargs.pop("name", None) or ckpt["model_name"]  # the trainer's model_spec also records the name
-    if name != ckpt["model_name"]:
-        raise ModelLoadError(f"{path}: model_name {ckpt['model_name']!r} and model_kwargs name {name!r} differ")
+    kwargs = dict(config["model_kwargs"] or {})
+    name = kwargs.pop("name", None) or config["model_name"]  # the trainer's model_spec also records the name
+    if name != config["model_name"]:
+        raise ModelLoadError(f"{source}: model_name {config['model_name']!r} and model_kwargs name {name!r} differ")
     try:
         if "encoder_weights" in inspect.signature(factory).parameters:
             kwargs["encoder_weights"] = "none"  # the trained weights replace them; never download
@@ -754,30 +774,49 @@ def _load_checkpoint(path: Path, device: str, factory: Callable[..., Any] | None
         pass
     try:
         model = factory(name, **kwargs)
-        model.load_state_dict(ckpt["state_dict"], strict=True)
+        model.load_state_dict(state_dict, strict=True)
     except (KeyError, TypeError, ValueError, RuntimeError) as exc:
-        raise ModelLoadError(f"{path}: cannot rebuild model {ckpt['model_name']!r} ({exc})") from None
-    info = {k: v for k, v in ckpt.items() if k not in ("state_dict", "stain")}
-    return _build_predictor(model, ckpt, device, str(path), str(path), info)
+        raise ModelLoadError(f"{source}: cannot rebuild model {config['model_name']!r} ({exc})") from None
+    return _build_predictor(model, config, device, source, source, dict(info or {}))
 
 
 class PickledModelWarning(UserWarning):
-    """An MLflow model was loaded: its network is a pickle, which runs whatever code it holds."""
+    """A model of the old MLflow format was loaded: its network is a pickle, which runs whatever code it holds."""
 
 
 def _load_mlflow(uri: str, device: str) -> Predictor:
     import mlflow
+    import mlflow.artifacts
     import mlflow.pytorch
 
     torch_device = resolve_device(device)
     folder = Path(uri)
+    local = not is_mlflow_uri(uri) and (folder / "MLmodel").is_file()
     try:
-        if not is_mlflow_uri(uri) and (folder / "MLmodel").is_file():
+        if local:
             # A local folder: read its MLmodel file directly. get_model_info would look its logged-model id up in
             # the tracking store (MLflow's default creates ./mlflow.db) and fail for a copied folder.
             info = mlflow.models.Model.load(folder / "MLmodel")
         else:
             info = mlflow.models.get_model_info(uri)
+    except Exception as exc:  # MLflow raises many types for a missing model or an unreachable store
+        raise ModelLoadError(f"{uri}: cannot load the MLflow model ({type(exc).__name__}: {exc})") from None
+    record = {"run_id": info.run_id, "model_uri": uri, "model_uuid": info.model_uuid}
+    from nucleiseg import mlflow_model
+
+    if mlflow_model.is_pyfunc_model(info.flavors):  # the current format: safetensors weights and a JSON config
+        if local:
+            return mlflow_model.predictor_from_folder(folder, device, uri, record)
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            try:
+                root = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp)
+            except Exception as exc:  # as above, for the artifact store
+                raise ModelLoadError(f"{uri}: cannot download the MLflow model ({type(exc).__name__}: {exc})") from None
+            return mlflow_model.predictor_from_folder(root, device, uri, record)
+    # The format before nucleiseg.mlflow_model: a pickled nn.Module (mlflow.pytorch), still read, with a warning.
+    try:
         warnings.warn(
             f"{uri}: an MLflow model is a pickle, and loading it runs the code it holds; load only models from a "
             "registry and artifact store you trust (README, Safety)",
@@ -796,8 +835,7 @@ def _load_mlflow(uri: str, device: str) -> Predictor:
             "fixes its input shape; log it with mlflow.pytorch.log_model(..., serialization_format='pickle')"
         ) from None
     metadata = dict(info.metadata or {})
-    record = {k: v for k, v in metadata.items() if k != "stain"}
-    record.update(run_id=info.run_id, model_uri=uri, model_uuid=info.model_uuid)
+    record = {**{k: v for k, v in metadata.items() if k != "stain"}, **record}
     return _build_predictor(model, metadata, device, f"{uri} (metadata)", uri, record)
 
 
