@@ -26,7 +26,10 @@ mix of two runs::
     out_dir/report.json             the ValidationReport
     out_dir/validation_result.json  GX's ExpectationSuiteValidationResult
     out_dir/manifest.csv            the manifest
-    out_dir/data_docs/index.html    GX Data Docs (HTML) for the suite and this validation
+    out_dir/report.html             the report and every expectation's result as one self-contained page
+                                    (nucleiseg.validation_html: renders offline)
+    out_dir/data_docs/index.html    GX Data Docs (HTML) for the suite and this validation (CDN styles and
+                                    scripts: blank without a network)
 
 ``great_expectations`` takes seconds to import, so it is imported inside the functions that use it.
 """
@@ -57,6 +60,7 @@ from nucleiseg.io import (
 from nucleiseg.labels import CLASS_NAMES
 from nucleiseg.outputs import replaced_folder
 from nucleiseg.params import ChecksParams
+from nucleiseg.validation_html import validation_html
 
 if TYPE_CHECKING:
     import great_expectations as gx
@@ -543,7 +547,7 @@ def validate_manifest(
 ) -> ValidationReport:
     """Check ``manifest`` against the expectation suite; optionally keep the artifacts in ``out_dir``.
 
-    ``out_dir`` is replaced as a whole (built beside it, then swapped in), with ``report.json``,
+    ``out_dir`` is replaced as a whole (built beside it, then swapped in), with ``report.json``, ``report.html``,
     ``validation_result.json``, ``manifest.csv`` and ``data_docs/`` (check it first with
     :func:`nucleiseg.outputs.check_replaceable`: this function replaces whatever is there).
     """
@@ -560,6 +564,7 @@ def validate_manifest(
         if work is not None:
             write_json_atomic(work / "validation_result.json", gx_result)
             write_text_atomic(work / "report.json", report.to_json() + "\n")
+            write_text_atomic(work / "report.html", validation_html(gx_result, report))
             write_text_atomic(work / "manifest.csv", manifest.to_csv(index=False))
     return report
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
+from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
@@ -260,3 +262,35 @@ def test_cli_validate_exit_codes(clean_dir: Path, broken_dir: Path, tmp_path: Pa
     assert override.exit_code == 1 and "at least 10 tiles" in override.output
     missing = runner.invoke(app, ["validate", str(tmp_path / "nowhere"), "--out", str(tmp_path / "d")])
     assert missing.exit_code == 1 and "nowhere" in missing.output
+
+
+# --- the offline page ---------------------------------------------------------------------------------
+
+
+class _Resources(HTMLParser):
+    """The tags of a page and every URL it would load (src, href, CSS url())."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tags: list[str] = []
+        self.urls: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.tags.append(tag)
+        self.urls += [value or "" for name, value in attrs if name in ("src", "href")]
+
+    def handle_data(self, data: str) -> None:
+        self.urls += re.findall(r"url\(([^)]*)\)", data)
+
+
+def test_offline_page_shows_every_expectation_and_the_offending_files(
+    broken_report: ValidationReport, broken_out: Path
+) -> None:
+    page = (broken_out / "report.html").read_text()
+    resources = _Resources()
+    resources.feed(page)
+    assert resources.urls == [] and "script" not in resources.tags and "link" not in resources.tags
+    assert resources.tags.count("tr") == broken_report.n_expectations + 1  # a header, then one per expectation
+    assert page.count('class="fail">FAIL') == len(broken_report.failures) and "INVALID" in page
+    for file in BROKEN:
+        assert file in page

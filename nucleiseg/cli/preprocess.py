@@ -19,7 +19,7 @@ def validate_command(
     params: ParamsOption = DEFAULT_PARAMS,
     set_: SetOption = None,
     out: Annotated[
-        Path, typer.Option("--out", help="Folder for the GX validation result, report.json and data docs.")
+        Path, typer.Option("--out", help="Folder for the GX result, report.json, report.html (offline) and data docs.")
     ] = Path("reports/validation"),
     force: ForceOption = False,
 ) -> None:
@@ -51,10 +51,10 @@ def validate_command(
         return
     if not report.success:
         typer.echo(report.summary(), err=True)
-        typer.echo(f"validation result and data docs: {out}", err=True)
+        typer.echo(f"validation result and data docs: {out} (open {out / 'report.html'} offline)", err=True)
         fail(f"{data_dir}: dataset is invalid ({len(report.failures)} expectation(s) failed, see above)")
     typer.echo(report.summary())
-    typer.echo(f"validation result and data docs: {out}")
+    typer.echo(f"validation result and data docs: {out} (open {out / 'report.html'} offline)")
 
 
 @app.command("prepare")
