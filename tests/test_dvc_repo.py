@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,7 @@ import yaml
 from conftest import REPO
 
 from nucleiseg.params import load_params
+from nucleiseg.plots_template import TEMPLATE_NAME, template_html
 from nucleiseg.registration import (
     EXPERIMENT_BASELINE_VAR,
     EXPERIMENT_NAME_VAR,
@@ -101,6 +103,76 @@ def test_fresh_clone_declares_the_model_artifact(fresh_clone: Path):
     model = artifacts["nucleiseg"]
     assert model.type == "model" and model.desc and model.labels
     assert model.path == f"{settings.train.out_dir}/best.pt" and model.path in train_outs
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Plots offline
+# ----------------------------------------------------------------------------------------------------------
+
+
+class _Resources(HTMLParser):
+    """Every URL a page would load: the src and href of its tags (an inline script's text is not a tag)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.urls: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.urls += [value or "" for name, value in attrs if name in ("src", "href")]
+
+
+def _external(page: str) -> list[str]:
+    parser = _Resources()
+    parser.feed(page)
+    return [url for url in parser.urls if "://" in url or url.startswith("//")]
+
+
+def test_plots_template_is_configured_current_and_self_contained(fresh_clone: Path):
+    """``dvc plots show`` uses the committed page, which inlines the installed Vega bundle and loads nothing."""
+    from dvc.repo import Repo
+
+    with Repo(str(fresh_clone)) as repo:
+        assert repo.config["plots"]["html_template"] == TEMPLATE_NAME
+    committed = (fresh_clone / ".dvc" / TEMPLATE_NAME).read_text()
+    assert committed == template_html(), "stale: run scripts/plots_template.py (vl-convert-python changed?)"
+    assert "{plot_divs}" in committed and "{scripts}" not in committed  # no CDN scripts for DVC to add
+    assert _external(committed) == []
+
+
+@pytest.fixture(scope="module")
+def plots_page(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``dvc plots show`` in a real DVC repo with this project's plots settings and plot templates."""
+    root = tmp_path_factory.mktemp("plots")
+    for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"]):
+        _ok(cmd, root)
+    shutil.copy2(REPO / ".dvc" / TEMPLATE_NAME, root / ".dvc" / TEMPLATE_NAME)
+    _ok(["dvc", "config", "plots.html_template", TEMPLATE_NAME], root)
+    history = [{"epoch": e, "train_loss": 1.0 / (e + 1), "val_f1": e / 10} for e in range(5)]
+    (root / "history.json").write_text(json.dumps(history))
+    classes = ("tumor", "lymphocyte", "stroma")
+    (root / "confusion.json").write_text(json.dumps([{"actual": a, "predicted": p} for a in classes for p in classes]))
+    plots = [
+        {"history.json": {"x": "epoch", "y": ["train_loss", "val_f1"]}},
+        {"confusion.json": {"template": "confusion", "x": "actual", "y": "predicted"}},
+    ]
+    (root / "dvc.yaml").write_text(yaml.safe_dump({"plots": plots}))
+    _ok(["dvc", "plots", "show", "-o", "out"], root)
+    return root / "out" / "index.html"
+
+
+def test_dvc_plots_page_loads_nothing(plots_page: Path):
+    page = plots_page.read_text()
+    assert page.count("vegaEmbed(") == 2 and _external(page) == []
+
+
+def test_dvc_plots_render_offline_in_a_browser(plots_page: Path):
+    """Headless Chromium draws both Vega plots from the page alone (this machine reaches no CDN)."""
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        pytest.skip("no chromium on PATH")
+    args = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=10000", "--dump-dom"]
+    dom = subprocess.run([*args, plots_page.as_uri()], capture_output=True, text=True, timeout=120).stdout
+    assert dom.count('class="marks"') == 2  # vega's rendered <svg>/<canvas>, one per plot
 
 
 # ----------------------------------------------------------------------------------------------------------
