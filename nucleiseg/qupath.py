@@ -27,9 +27,9 @@ Rasterisation
     A pixel belongs to an object when its centre ``(x + 0.5, y + 0.5)`` lies inside the object's (repaired)
     polygon; holes exclude, every part of a MultiPolygon includes. A centre exactly on an edge follows
     Java2D's insideness rule, which QuPath's own rendering and labelled-image export use: it is inside when
-    the area immediately to its right and below is (so polygons that share an edge never both claim, nor
-    both miss, the pixels along it). Computed with shapely 2 (``contains_xy`` on the pixel centres of each
-    object's bounding box).
+    the area immediately to its right is (immediately below, on a horizontal edge), so polygons that share an
+    edge never both claim, nor both miss, the pixels along it. Computed with shapely 2 (``contains_xy`` on the
+    pixel centres of each object's bounding box).
 Invalid geometry
     A polygon that is not valid in the OGC sense (a bow-tie ring crossing itself, a hole outside its shell) is
     repaired with ``shapely.make_valid`` (keeping its area parts) and counted in the report, with a note naming
@@ -93,8 +93,9 @@ _LEGACY_TYPES = {
     "TMACoreObject": "tmaCore",
     "PathRootObject": "root",
 }
-# Java2D's insideness for a centre on an edge: test a point just right of and below it instead.
-_EDGE_NUDGE = 1e-6
+# Java2D's insideness for a centre on an edge: test a point just right of it instead and, for a horizontal
+# edge, where moving right stays on the edge, just below it (a much smaller step, so it decides only then).
+_EDGE_NUDGE = (1e-6, 1e-9)
 
 
 class QuPathError(ValueError):
@@ -168,8 +169,8 @@ def class_map_from_dict(data: Any, source: str = "<class map>") -> ClassMap:
     missing = [c for c in CLASS_NAMES if not classes.get(c)]
     if missing:
         raise QuPathError(f"{source}: classes.{missing[0]}: list at least one name (the first is what export writes)")
-    export_names = tuple(str(classes[c][0]).strip() for c in CLASS_NAMES)
-    return ClassMap(targets, export_names, unknown, unclassified, source)  # type: ignore[arg-type]
+    tumor, lymphocyte, stroma = (str(classes[c][0]).strip() for c in CLASS_NAMES)
+    return ClassMap(targets, (tumor, lymphocyte, stroma), unknown, unclassified, source)
 
 
 def load_class_map(path: str | os.PathLike[str]) -> ClassMap:
@@ -258,8 +259,7 @@ class ImportReport:
 
 @dataclass
 class _Object:
-    where: str
-    geometry: Any  # a shapely Polygon or MultiPolygon
+    geometry: Any  # a valid shapely Polygon or MultiPolygon
     target: str  # tumor, lymphocyte, stroma or ignore
 
 
@@ -305,11 +305,12 @@ def _features(data: Any, path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
 
 
 def _object_type(feature: dict[str, Any]) -> str:
+    """The object type as QuPath reads it (``annotation``, ``detection``, ``cell``, ...; ``unknown``: none)."""
     properties = feature.get("properties") or {}
     for key in ("objectType", "object_type", "type"):  # QuPath 0.3+, 0.2, and the alias QuPath accepts
         value = properties.get(key) if isinstance(properties, dict) else None
         if isinstance(value, str):
-            return value
+            return _LEGACY_TYPES.get(value, value)
     legacy = feature.get("id")
     return _LEGACY_TYPES.get(legacy, "unknown") if isinstance(legacy, str) else "unknown"
 
@@ -341,7 +342,8 @@ def _geometry(value: Any, where: str, report: ImportReport) -> Any | None:
     if not isinstance(value, dict) or "type" not in value:
         raise QuPathError(f"{where}: geometry must be a GeoJSON geometry object, got {value!r:.60}")
     try:
-        geometry = shape(value)
+        with np.errstate(invalid="ignore"):  # NaN coordinates: refused just below, with the feature named
+            geometry = shape(value)
     except Exception as exc:  # shapely raises several types for malformed coordinates
         raise QuPathError(f"{where}: malformed {value.get('type')} geometry ({exc})") from exc
     coords = shapely.get_coordinates(geometry)
@@ -390,7 +392,7 @@ def _objects(path: Path, class_map: ClassMap, report: ImportReport) -> list[_Obj
         if target == SKIP:
             report.skip(f"class {': '.join(names) or 'none'} (skip)")
             continue
-        if kind in ("cell", "PathCellObject"):
+        if kind == "cell":
             value = feature.get("nucleusGeometry")
             if value is None:
                 report.skip("cell without nucleusGeometry")
@@ -399,7 +401,7 @@ def _objects(path: Path, class_map: ClassMap, report: ImportReport) -> list[_Obj
             value = feature.get("geometry")
         geometry = _geometry(value, where, report)
         if geometry is not None:
-            objects.append(_Object(where, geometry, target))
+            objects.append(_Object(geometry, target))
     if unknown:
         listed = ", ".join(
             f"{name!r} (feature{'s' if len(at) > 1 else ''} {', '.join(at[:5])}{' ...' if len(at) > 5 else ''})"
@@ -441,7 +443,8 @@ def _rasterise(
         inside = shapely.contains_xy(geometry, xs, ys)
         on_edge = shapely.intersects_xy(geometry, xs, ys) & ~inside
         if on_edge.any():
-            inside[on_edge] = shapely.contains_xy(geometry, xs[on_edge] + _EDGE_NUDGE, ys[on_edge] + _EDGE_NUDGE)
+            nudged = (xs[on_edge] + _EDGE_NUDGE[0], ys[on_edge] + _EDGE_NUDGE[1])
+            inside[on_edge] = shapely.contains_xy(geometry, *nudged)
         window = owner[r0 : r1 + 1, c0 : c1 + 1]
         shared = inside & (window > 0)
         if shared.any():
@@ -546,7 +549,7 @@ class QuPathImportResult:
 def geojson_stem(path: Path) -> str | None:
     """``<name>`` of ``<name>.geojson`` or ``<name>.geojson.gz`` (case-insensitive suffix); None otherwise."""
     lower = path.name.lower()
-    for suffix in (".geojson.gz", ".geojson"):
+    for suffix in sorted(GEOJSON_SUFFIXES, key=len, reverse=True):  # .geojson.gz before .geojson
         if lower.endswith(suffix) and len(lower) > len(suffix):
             return path.name[: -len(suffix)]
     return None

@@ -188,6 +188,28 @@ def test_round_trip_of_real_consep_tiles_is_exact_with_their_other_nuclei(tmp_pa
         assert report.other == len(np.unique(other)) - 1 and report.overlap_pixels == 0
 
 
+def test_export_names_come_from_the_class_map_and_centroids_follow_the_origin(tmp_path):
+    from nucleiseg.measure import nuclei_table
+
+    label = holes_and_pieces()
+    own = class_map_from_dict({"classes": {"tumor": ["Tumour cell"], "lymphocyte": ["TIL"], "stroma": ["CAF"]}})
+    image = np.full((*label.shape, 3), 128, np.uint8)
+    table = nuclei_table(label, image, mpp=0.25)
+    geo = to_geojson(label, table, "t", origin=(300, 200), object_type="annotation", class_map=own)
+    names = {f["properties"]["classification"]["name"] for f in geo["features"]}
+    assert names == {"Tumour cell", "TIL", "CAF"}
+    assert {f["properties"]["objectType"] for f in geo["features"]} == {"annotation"}
+    by_id = table.set_index("id")
+    for f in geo["features"]:
+        m = f["properties"]["measurements"]
+        assert m["centroid_x_px"] == pytest.approx(by_id.loc[m["id"], "centroid_x_px"] + 300)
+        assert m["centroid_y_px"] == pytest.approx(by_id.loc[m["id"], "centroid_y_px"] + 200)
+    path = write_geojson(tmp_path / "t.geojson", geo)
+    assert np.array_equal(read_qupath_geojson(path, label.shape, own, origin=(300, 200))[0], label)
+    with pytest.raises(QuPathError, match=r"3 class name\(s\) not in the class map"):
+        read_qupath_geojson(path, label.shape, CLASS_MAP, origin=(300, 200))
+
+
 def _geometry(geometry):
     from nucleiseg.export import geojson_geometry
 
