@@ -646,7 +646,7 @@ def _finish_tracking(
 ) -> tuple[str, str]:
     import mlflow
 
-    from nucleiseg import tracking
+    from nucleiseg import mlflow_model
 
     run_id = mlflow.active_run().info.run_id
     curves = out / "learning_curves.png"
@@ -660,9 +660,11 @@ def _finish_tracking(
     best = out / "best.pt"
     if best.is_file():
         model.load_state_dict(load_checkpoint(best, map_location=device)["state_dict"])
-    crop = params.augmentation.crop
-    example = np.zeros((1, 3, crop, crop), dtype=np.float32)
-    info = tracking.log_pytorch_model(model.cpu(), example, metadata=predictor_extras(params, data))
+    # The pyfunc model (nucleiseg.mlflow_model): safetensors weights and a JSON config, no pickle; its input
+    # example is a small crop of a real image.
+    example_image = read_image(data.val_items[0][0] if data.val_items else data.train_items[0][0])
+    config = {"model_name": params.model.name, **predictor_extras(params, data)}
+    info = mlflow_model.log_model(model.cpu(), config, mlflow_model.example_crop(example_image))
     mlflow.end_run()
     (out / "model_uri").write_text(info.model_uri)
     return run_id, info.model_uri
