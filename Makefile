@@ -24,7 +24,9 @@ format:
 	$(BIN)/ruff check --fix .
 
 demo:  ## the whole pipeline on the embedded synthetic data
-	$(BIN)/dvc pull -q data.dvc  # the versioned data/ (its objects are committed in .dvc-remote/): dvc status stays clean
+# data/ as data.dvc versions it (this repository's version: objects committed in .dvc-remote/), so that
+# dvc status ends clean; a data.dvc whose data sits in an unreachable remote does not stop the demo.
+	$(BIN)/dvc pull -q data.dvc || echo "make demo: could not pull data.dvc (above); continuing with data.dir of params.yaml"
 	PATH="$(abspath $(BIN)):$$PATH" HF_HUB_OFFLINE=1 $(BIN)/dvc repro
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc metrics show
 
