@@ -101,3 +101,13 @@ def test_metrics_and_plots_show(repo_copy, tmp_path):
     assert plots.returncode == 0, plots.stderr
     html = (tmp_path / "plots" / "index.html").read_text()
     assert "confusion" in html and "history.json" in html
+
+
+def test_after_a_run_dvc_status_is_clean_and_pull_succeeds(repo_copy):
+    """As after `make demo`: data.dvc pulled from the committed remote objects, every output in the cache."""
+    root, env = repo_copy
+    assert _run(["dvc", "pull", "-q", "data.dvc"], root, env).returncode == 0  # make demo's first step
+    status = _run(["dvc", "status"], root, env)
+    assert status.returncode == 0 and "Data and pipelines are up to date" in status.stdout, status.stdout
+    pulled = _run(["dvc", "pull"], root, env)
+    assert pulled.returncode == 0, pulled.stdout[-2000:] + pulled.stderr[-2000:]
