@@ -34,8 +34,9 @@ streams too (:meth:`Predictor.stain_transform`): the image's stain is measured i
 is normalised in float32 as it is cut, so no normalised or float copy of the image exists (benchmarks/README.md,
 bench_predict_memory.py).
 
-Loading a trained model is :func:`load_predictor` (checkpoint file or MLflow model URI); running it on files
-and writing the outputs is :func:`predict_file` / :func:`predict_files`.
+Loading a trained model is :func:`load_predictor` (checkpoint file, MLflow model URI or ONNX file; the network
+run by torch or ONNX Runtime, :mod:`nucleiseg.onnx_model`); running it on files and writing the outputs is
+:func:`predict_file` / :func:`predict_files`.
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ NUM_MAPS = 5
 DEFAULT_TILE = 224
 DEFAULT_OVERLAP = 80
 DEFAULT_MODEL_MPP = 0.25  # microns per pixel assumed for models saved without one (CoNSeP's 40x)
+BACKENDS = ("torch", "onnxruntime")  # what runs the network's forward pass (params infer.backend)
 
 # Checkpoint / MLflow metadata keys (see load_predictor).
 CHECKPOINT_KEYS = ("model_name", "model_kwargs", "state_dict", "norm_mean", "norm_std")
@@ -512,7 +514,9 @@ class Predictor:
     ``stain`` is a fitted :class:`nucleiseg.stain.StainNormalizer` (or None) applied to every image before
     the channel normalisation, exactly as in training. ``infer`` and ``post`` are the defaults the model was
     saved with; the methods take overrides. ``mpp``: microns per pixel of the training images (params
-    ``model.mpp``); images at another resolution are resampled to it (:mod:`nucleiseg.wsi`).
+    ``model.mpp``); images at another resolution are resampled to it (:mod:`nucleiseg.wsi`). ``backend``: what
+    runs the network's forward pass, ``"torch"`` or ``"onnxruntime"`` (``model`` is then a
+    :class:`nucleiseg.onnx_model.OnnxNetwork`); everything before and after the logits is the same code.
     """
 
     model: Any  # torch.nn.Module
@@ -525,6 +529,7 @@ class Predictor:
     source: str = ""
     info: dict[str, Any] = field(default_factory=dict)
     mpp: float = DEFAULT_MODEL_MPP
+    backend: str = "torch"
 
     def stain_transform(self, image: np.ndarray) -> Callable[[np.ndarray], np.ndarray] | None:
         """The fitted stain normalisation of ``image``, as a pixel-wise map to apply region by region (None: no
@@ -678,8 +683,15 @@ def load_predictor(
     model_ref: str | os.PathLike[str],
     device: str = "auto",
     factory: Callable[..., Any] | None = None,
+    backend: str = "torch",
 ) -> Predictor:
-    """Load a trained model as a :class:`Predictor`, from a checkpoint file or an MLflow model.
+    """Load a trained model as a :class:`Predictor`, from a checkpoint file, an MLflow model or an ONNX file.
+
+    ``backend`` (params ``infer.backend``): ``"torch"``, or ``"onnxruntime"``: the network is exported to ONNX
+    in memory on load (:func:`nucleiseg.onnx_model.to_onnxruntime`, no file written; about 10-20 s on 2 cores
+    for the ResUNet34) and run by ONNX Runtime on the CPU (``device`` ``"auto"`` means the CPU then).
+    An ``.onnx`` file written by ``nucleiseg export onnx`` is a model of its own, always run by ONNX Runtime:
+    its metadata holds the entries below (:mod:`nucleiseg.onnx_model`).
 
     **Checkpoint file** (any path that is a file): a dict written with ``torch.save`` holding only plain
     Python values and tensors (it is read with ``torch.load(weights_only=True)``, so no numpy arrays or
@@ -717,15 +729,60 @@ def load_predictor(
 
     Raises :class:`ModelLoadError` naming the reference and the problem.
     """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     ref = os.fspath(model_ref)
     path = Path(ref)
+    if backend == "onnxruntime" and device == "auto":
+        device = "cpu"  # not CUDA when present: ONNX Runtime's CPU provider runs the network
+    if not is_mlflow_uri(ref) and path.is_file() and path.suffix.lower() == ".onnx":
+        return _load_onnx(path, device)
+    predictor: Predictor | None = None
     if not is_mlflow_uri(ref) and path.is_file():
-        return _load_checkpoint(path, device, factory)
-    if is_mlflow_uri(ref) or (path.is_dir() and (path / "MLmodel").is_file()):
-        return _load_mlflow(ref, device)
+        predictor = _load_checkpoint(path, device, factory)
+    elif is_mlflow_uri(ref) or (path.is_dir() and (path / "MLmodel").is_file()):
+        predictor = _load_mlflow(ref, device)
+    if predictor is not None:
+        return predictor if backend == "torch" else _with_onnxruntime(predictor)
     if path.is_dir():
         raise ModelLoadError(f"{ref}: a folder without an MLmodel file is not a model")
     raise ModelLoadError(f"{ref}: model not found (expected a checkpoint file or an MLflow model URI)")
+
+
+def _with_onnxruntime(predictor: Predictor) -> Predictor:
+    from nucleiseg.onnx_model import OnnxModelError, to_onnxruntime
+
+    try:
+        return to_onnxruntime(predictor)
+    except OnnxModelError as exc:
+        raise ModelLoadError(f"{predictor.source}: backend onnxruntime: {exc}") from None
+
+
+def _load_onnx(path: Path, device: str) -> Predictor:
+    """A predictor from an ONNX file written by ``nucleiseg export onnx``: the network run by ONNX Runtime, the
+    rest (normalisation, stain, settings, mpp) from the file's metadata."""
+    from dataclasses import replace
+
+    from nucleiseg.onnx_model import OnnxModelError, OnnxNetwork, non_finite_initializers
+
+    if resolve_device(device).type != "cpu":
+        raise ModelLoadError(f"{path}: an ONNX model runs on the CPU (ONNX Runtime's CPU provider), not {device}")
+    try:
+        network = OnnxNetwork(path)
+        broken = non_finite_initializers(path)
+    except OnnxModelError as exc:
+        raise ModelLoadError(str(exc)) from None
+    if broken:  # as the torch backend: NaN weights would predict background everywhere, silently
+        raise ModelLoadError(
+            f"{path}: non-finite weights (NaN or infinity) in {len(broken)} tensor(s): {broken[0]} ..."
+        )
+    if not network.metadata:
+        raise ModelLoadError(
+            f"{path}: no nucleiseg metadata (norm_mean, norm_std, ...); write it with nucleiseg export onnx"
+        )
+    info = {k: v for k, v in network.metadata.items() if k != "stain"}
+    predictor = _build_predictor(network, network.metadata, "cpu", f"{path} (metadata)", str(path), info)
+    return replace(predictor, backend="onnxruntime")
 
 
 def _load_checkpoint(path: Path, device: str, factory: Callable[..., Any] | None) -> Predictor:
@@ -846,8 +903,12 @@ def model_identity(predictor: Predictor) -> str:
     from nucleiseg.outputs import file_sha256
 
     if predictor.info.get("model_uuid"):
-        return f"mlflow:{predictor.info['model_uuid']}"
-    return f"sha256:{file_sha256(predictor.source)}"
+        identity = f"mlflow:{predictor.info['model_uuid']}"
+    else:
+        identity = f"sha256:{file_sha256(predictor.source)}"
+    # A torch model run by ONNX Runtime gives outputs that may differ by rounding: not the torch outputs' identity.
+    exported = predictor.backend == "onnxruntime" and not predictor.source.lower().endswith(".onnx")
+    return f"{identity}+onnxruntime" if exported else identity
 
 
 # ----------------------------------------------------------------------------------------------------------

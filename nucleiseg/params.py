@@ -167,6 +167,10 @@ class InferParams(_Section):
     overlap: int = Field(80, ge=0)
     batch_size: int = Field(8, ge=1)
     tta: bool = False
+    # What runs the network's forward pass: torch, or onnxruntime (the network exported to ONNX on load and run
+    # by ONNX Runtime on the CPU; an .onnx model from `nucleiseg export onnx` always runs on it); benchmarks/README.md
+    # compares their speed
+    backend: Literal["torch", "onnxruntime"] = "torch"
     runner: Literal["threads", "dask"] = "threads"  # batch inference task runner (dask needs prefect-dask)
     workers: int = Field(2, ge=1)  # images processed at once by batch inference
     # runner dask: the scheduler of an existing cluster (tcp://host:8786); null: a local cluster of `workers`

@@ -4,6 +4,7 @@ from nucleiseg.cli import (  # noqa: F401  (importing registers the commands)
     batch,
     evaluation,
     experiments,
+    export,
     inference,
     labels,
     pipeline,
