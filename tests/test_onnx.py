@@ -186,3 +186,22 @@ def test_params_accept_only_known_backends():
     assert load_params(None, ["infer.backend=onnxruntime"]).infer.backend == "onnxruntime"
     with pytest.raises(ParamsError, match=r"infer\.backend"):
         load_params(None, ["infer.backend=tensorrt"])
+
+
+def test_predict_runs_an_exported_file_like_its_checkpoint(tmp_path, exported, trained_checkpoint):
+    from nucleiseg.io import write_image
+    from nucleiseg.labels import read_label
+    from nucleiseg.synth import synth_tile
+
+    path, _ = exported
+    images = tmp_path / "tiles"
+    write_image(images / "tile.png", synth_tile(5, (160, 224))[0])
+    runner = CliRunner()
+    for model, out in ((trained_checkpoint, "by_torch"), (path, "by_onnx")):
+        result = runner.invoke(
+            app, ["predict", str(model), str(images), "--out", str(tmp_path / out), "--device", "cpu"]
+        )
+        assert result.exit_code == 0, result.output
+    expected = read_label(tmp_path / "by_torch" / "tile_label.png")
+    assert expected.max() > 0
+    np.testing.assert_array_equal(read_label(tmp_path / "by_onnx" / "tile_label.png"), expected)

@@ -201,7 +201,7 @@ def score(
     if "://" in model or model.startswith(("models:/", "runs:/")):
         tracking.configure(settings.tracking.uri, settings.tracking.experiment, settings.tracking.artifacts)
     try:
-        predictor = load_predictor(model, device=settings.train.device)
+        predictor = load_predictor(model, device=settings.train.device, backend=settings.infer.backend)
     except ModelLoadError as exc:
         fail(str(exc))
         return

@@ -18,7 +18,10 @@ SUMMARY_NAME = "summary.json"
 def predict(
     model: Annotated[
         str,
-        typer.Argument(help="Checkpoint file (.pt) or MLflow model URI, e.g. models:/nucleiseg@champion."),
+        typer.Argument(
+            help="Checkpoint file (.pt), ONNX file (.onnx, from nucleiseg export onnx) or MLflow model URI, e.g. "
+            "models:/nucleiseg@champion."
+        ),
     ],
     inputs: Annotated[list[Path], typer.Argument(help="Images, or folders of images.", show_default=False)],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")],
@@ -52,7 +55,7 @@ def predict(
 
     Unreadable images are reported and skipped, the others finish; the exit code is 1 when any input failed.
 
-    Settings: params sections infer (tile, overlap, batch_size, tta) and post (min_area, radius).
+    Settings: params sections infer (tile, overlap, batch_size, tta, backend) and post (min_area, radius).
 
     Without a params.yaml the defaults (the paper's) apply.
 
@@ -104,7 +107,7 @@ def predict(
     if is_mlflow_uri(model):
         use_model_store(settings, in_project)
     try:
-        predictor = load_predictor(model, device=device)
+        predictor = load_predictor(model, device=device, backend=settings.infer.backend)
     except (ModelLoadError, ValueError) as exc:  # ValueError: an unavailable --device
         fail(str(exc))
 

@@ -18,7 +18,7 @@ def slide_command(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")],
     model: Annotated[
         str | None,
-        typer.Option("--model", help="Checkpoint, MLflow model folder or URI (default: the champion)."),
+        typer.Option("--model", help="Checkpoint, .onnx file, MLflow model folder or URI (default: the champion)."),
     ] = None,
     mpp: Annotated[
         float | None,
@@ -82,7 +82,7 @@ def slide_command(
 
     try:
         resolved = resolve_model(model_ref)
-        predictor = load_predictor(resolved.load_ref, device=device)
+        predictor = load_predictor(resolved.load_ref, device=device, backend=settings.infer.backend)
     except (ModelLoadError, ValueError) as exc:  # ValueError: an unavailable --device
         fail(str(exc))
         return
