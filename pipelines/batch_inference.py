@@ -239,6 +239,7 @@ class ModelSource:
     device: str
     tracking_uri: str | None = None
     registry_uri: str | None = None
+    backend: str = "torch"  # infer.backend: torch or onnxruntime
 
 
 _worker_predictors: dict[ModelSource, Predictor] = {}
@@ -256,7 +257,7 @@ def worker_predictor(source: ModelSource) -> Predictor:
 
                 mlflow.set_tracking_uri(source.tracking_uri)
                 mlflow.set_registry_uri(source.registry_uri or source.tracking_uri)
-            predictor = _worker_predictors[source] = load_predictor(source.ref, source.device)
+            predictor = _worker_predictors[source] = load_predictor(source.ref, source.device, backend=source.backend)
         return predictor
 
 
@@ -467,8 +468,9 @@ def _task_model(mapper: Mapper, predictor: Predictor, resolved: ModelVersionInfo
     import mlflow
 
     return ModelSource(
-        resolved.load_ref, resolved.identity, device, mlflow.get_tracking_uri(), mlflow.get_registry_uri()
-    )
+        resolved.load_ref, resolved.identity, device, mlflow.get_tracking_uri(), mlflow.get_registry_uri(),
+        predictor.backend,
+    )  # fmt: skip
 
 
 def _error_message(path: str, exc: Any) -> str:
@@ -626,7 +628,9 @@ def run_batch(
         raise BatchInferenceError(str(exc)) from None
 
     resolved = resolve_model(model_uri)
-    predictor = load_predictor(resolved.load_ref, device)
+    infer = dict(infer or {})
+    backend = infer.pop("backend", "torch")  # how the network runs (load_predictor), not a tiling setting
+    predictor = load_predictor(resolved.load_ref, device, backend=backend)
     logger.info(f"model {model_uri} -> {resolved.identity} on {predictor.device}")
     if predictor.device.startswith("cuda"):
         # Concurrent images would each switch the shared model's memory format; do it once for all of them.
@@ -636,6 +640,8 @@ def run_batch(
     infer_s = _settings(InferSettings, predictor.infer, infer, "infer")
     post_s = _settings(PostSettings, predictor.post, post, "post")
     settings = {"infer": dict(infer_s.__dict__), "post": dict(post_s.__dict__)}
+    if predictor.backend != "torch":  # outputs of another backend are not reused (torch runs keep their settings)
+        settings["infer"]["backend"] = predictor.backend
 
     files, problems = expand_inputs([source_dir])
     from nucleiseg.spatial import settings_from as spatial_settings
@@ -768,7 +774,7 @@ def flow_arguments(
     infer = params.infer.model_dump()
     runner = runner or params.infer.runner
     workers = workers or params.infer.workers
-    infer = {k: v for k, v in infer.items() if k in InferSettings.__dataclass_fields__}
+    infer = {k: v for k, v in infer.items() if k in InferSettings.__dataclass_fields__ or k == "backend"}
     if tta is not None:
         infer["tta"] = tta
     return {

@@ -2,6 +2,15 @@
 
 ``retrain_on_new_annotations`` runs these steps in a project checkout (``repo_dir``)::
 
+    take in the annotations inbox (params ``data.inbox``; :mod:`nucleiseg.inbox` defines each step)
+      -> nothing there: go on with the dataset as it is
+      -> stage it: QuPath GeoJSON imported (nucleiseg.qupath, class_map.yaml), label PNGs as they are
+      -> validate the dataset the merge would make (Great Expectations)
+                                                      a failing set is refused: moved to <inbox>/.refused/<stamp>/
+                                                      with REASON.txt; nothing is merged, versioned or trained
+      -> ``dvc add`` + ``dvc push`` the dataset before the merge, so the labels being replaced are versioned
+      -> merge into ``data.dir`` (a corrected tile replaces its earlier version), archive the inbox files in
+         <inbox>/.done/<stamp>/ with the replaced files and ``record.json``
     hash the annotated dataset (params ``data.dir``)
       -> same as the champion's ``dataset_hash`` tag (or the latest challenger's)? nothing new: stop
       -> validate it (Great Expectations)                      a failing set stops here: nothing versioned or trained
@@ -17,11 +26,19 @@ new annotations
     challenger) counts too: when the gate already judged a model trained on exactly these files and kept the
     champion, retraining every night on the same data would only repeat that verdict, so nothing is done.
 outcome
-    The flow returns a summary dict whose ``action`` is ``none`` (nothing new), ``invalid`` (validation failed;
-    ``failures`` and ``offending_files`` say why) or ``retrained`` (``version``, ``promoted``, ``decision``,
-    ``reason``, ``champion``). Every outcome is also a Prefect Markdown artifact (key ``retrain``); a failed
-    validation adds the validation report (key ``retrain-validation``). An invalid dataset is a reported
-    outcome, not a crash: the run completes, and ``nucleiseg retrain`` exits 1.
+    The flow returns a summary dict whose ``action`` is ``none`` (nothing new), ``refused`` (the inbox set failed
+    its import or validation; ``reason``, ``refused_files`` and ``archive`` say why and where it went),
+    ``invalid`` (the dataset itself failed validation; ``failures`` and ``offending_files`` say why) or
+    ``retrained`` (``version``, ``promoted``, ``decision``, ``reason``, ``champion``); ``trigger`` says what
+    started the run and ``inbox`` what landed and what was merged. Every outcome is also a Prefect Markdown
+    artifact (key ``retrain``); a failed validation adds the validation report (key ``retrain-validation``), and
+    a run that took in the inbox writes the summary to ``record.json`` of its archive folder. A refused or
+    invalid set is a reported outcome, not a crash: the run completes, and ``nucleiseg retrain`` exits 1.
+previous labels
+    A replaced tile's earlier files are in the DVC cache and remote under the ``.dvc`` file of before the merge
+    (kept as ``<inbox>/.done/<stamp>/<data.dir>.dvc.before``; ``git log -p data.dvc`` once committed):
+    ``cp inbox/.done/<stamp>/data.dvc.before data.dvc && dvc checkout data`` brings them back. A copy is also in
+    ``replaced/`` beside the record.
 
 What a failure leaves behind
 ----------------------------
@@ -34,32 +51,48 @@ the new ``.dvc`` file is kept: a registered version was trained on it. A run kil
 ``dvc add`` and ``register`` cannot restore the file, but git still holds the previous ``.dvc`` and the next run
 repeats the work. The flow never commits to git: committing the new ``.dvc`` file is the user's decision.
 
-Scheduling
-----------
-:func:`build_deployment` makes the served deployment: the cron schedule and timezone of params ``schedule``,
-and a deployment concurrency limit of one with the ``CANCEL_NEW`` collision strategy, so runs never overlap:
-a scheduled run that comes while one is still running is cancelled rather than queued (the next run will see
-the same new data). ``nucleiseg serve-retrain`` serves it (a long-running process; point ``PREFECT_API_URL``
-at a Prefect server to see the runs in its UI).
+Triggers and scheduling
+-----------------------
+:func:`build_deployment` makes the served deployment with two ways to start: an event trigger on the inbox
+event of :mod:`pipelines.inbox_watch` (one event per burst of arrivals, debounced by the watcher), and the cron
+schedule and timezone of params ``schedule``, kept as the fallback (annotations put into ``data.dir`` by hand,
+an event lost while the service was down). Runs never overlap, by two locks: the deployment's concurrency
+limit of one, with the ``ENQUEUE`` collision strategy (a run that comes while one is running waits for it, then
+takes in what arrived meanwhile, or finds nothing new and ends in seconds; cancelling it instead would strand
+files that landed during a long training until the next night), and a file lock, ``<inbox>/.work/retrain.lock``,
+held by the flow itself, which also keeps a manual ``nucleiseg retrain`` from running beside a served run (the
+second one fails at once, saying so). :func:`serve` runs the whole service: a local Prefect server when
+``PREFECT_API_URL`` is not set (:mod:`pipelines.prefect_server` says why the ephemeral API cannot do), the
+deployment, and the inbox watcher, all stopped by Ctrl-C.
 """
 
 from __future__ import annotations
 
+import asyncio
 import collections
+import contextlib
+import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import filelock
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.logging import get_logger
 
+from nucleiseg import inbox as inbox_lib
 from nucleiseg import tracking
 from nucleiseg.io import write_bytes_atomic
 from nucleiseg.params import Params, load_params
+from pipelines.inbox_watch import INBOX_EVENT, inbox_resource
 
 if TYPE_CHECKING:
     from prefect.deployments.runner import RunnerDeployment
@@ -70,6 +103,9 @@ DEPLOYMENT_NAME = "retrain-on-new-annotations"
 ARTIFACT_KEY = "retrain"
 VALIDATION_ARTIFACT_KEY = "retrain-validation"
 REGISTRY_REPORT = Path("reports/registry.json")
+CLASS_MAP = Path("class_map.yaml")  # QuPath class names -> the project's classes, at the project's root
+WORK_DIR = ".work"  # in the inbox, hidden from the watcher and the scan: the lock and the staging folders
+LOCK_NAME = "retrain.lock"
 LOG_TAIL_LINES = 60
 
 
@@ -160,8 +196,26 @@ def _md_cell(value: Any) -> str:
 def summary_markdown(summary: dict[str, Any]) -> str:
     """The outcome of a run as Markdown (the Prefect artifact)."""
     lines = [f"# Retraining on new annotations: {summary['action']}", "", summary["message"], ""]
-    keys = [k for k in summary if k not in ("action", "message", "failures", "offending_files")]
+    keys = [k for k in summary if k not in ("action", "message", "failures", "offending_files", "inbox")]
     lines += ["| | |", "|---|---|", *(f"| {k} | {_md_cell(summary[k])} |" for k in keys)]
+    if intake := summary.get("inbox"):
+        lines += ["", f"## Inbox `{intake['inbox']}`: {intake['action']}", ""]
+        lines += [f"- landed: {', '.join(intake['landed']) or 'nothing'}"]
+        for key in ("added", "replaced", "removed", "waiting", "unrecognised", "kept"):
+            if intake.get(key):
+                lines.append(f"- {key}: {', '.join(intake[key])}")
+        if intake.get("archive"):
+            lines.append(f"- archive: `{intake['archive']}`")
+        if intake.get("tiles"):
+            lines += ["", "| tile | kind | nuclei | replaces | from |", "|---|---|---|---|---|"]
+            for tile in intake["tiles"]:
+                nuclei = ", ".join(f"{n} {c}" for c, n in tile["nuclei"].items())
+                lines.append(
+                    f"| {tile['name']} | {tile['kind']} | {nuclei} | {tile['replaces']} | "
+                    f"{_md_cell(', '.join(tile['sources']))} |"
+                )
+        if intake.get("reason"):
+            lines += ["", "```", intake["reason"], "```"]
     if summary.get("failures"):
         lines += ["", "## Failed expectations", "", "| expectation | files |", "|---|---|"]
         lines += [f"| {_md_cell(f['description'])} | {_md_cell(', '.join(f['files']))} |" for f in summary["failures"]]
@@ -226,6 +280,127 @@ def run_pipeline(root: Path) -> None:
         raise RetrainError(f"`dvc repro` failed (exit {code}) in {root}; the end of its log:\n{tail}")
 
 
+# --- the inbox --------------------------------------------------------------------------------------
+
+
+def inbox_dir(root: Path, settings: Params) -> Path:
+    """params ``data.inbox``, relative to the project checkout unless absolute."""
+    inbox = Path(settings.data.inbox)
+    return inbox if inbox.is_absolute() else root / inbox
+
+
+def qupath_reader(root: Path) -> inbox_lib.QupathReader:
+    """:func:`nucleiseg.qupath.read_qupath_geojson` with the project's class map (``class_map.yaml``)."""
+    from nucleiseg.qupath import load_class_map, read_qupath_geojson
+
+    class_map = load_class_map(root / CLASS_MAP)
+    return lambda path, shape: read_qupath_geojson(path, shape, class_map)
+
+
+@task(name="inbox-scan", cache_policy=NO_CACHE)
+def scan_inbox_task(inbox: Path, data_dir: Path, ignore_suffix: str) -> inbox_lib.InboxScan:
+    return inbox_lib.scan_inbox(inbox, data_dir, ignore_suffix)
+
+
+@task(name="inbox-stage", cache_policy=NO_CACHE)
+def stage_inbox(
+    scan: inbox_lib.InboxScan, root: Path, data_dir: Path, staging_dir: Path, ignore_suffix: str
+) -> tuple[list[inbox_lib.StagedTile], list[tuple[list[Path], str]]]:
+    """Stage every submission; returns the staged tiles and the errors (files, message), scan errors included."""
+    staged: list[inbox_lib.StagedTile] = []
+    errors = list(scan.errors)
+    reader: inbox_lib.QupathReader | None = None
+    for submission in scan.submissions:
+        try:
+            if submission.kind == "qupath" and reader is None:
+                try:
+                    reader = qupath_reader(root)
+                except (ImportError, OSError, ValueError) as exc:
+                    raise inbox_lib.InboxError(f"{submission.annotation}: cannot read QuPath GeoJSON: {exc}") from exc
+            staged.append(inbox_lib.stage_submission(submission, data_dir, staging_dir, reader, ignore_suffix))
+        except inbox_lib.InboxError as exc:
+            errors.append((submission.files, str(exc)))
+    return staged, errors
+
+
+@task(name="inbox-merge", cache_policy=NO_CACHE)
+def merge_inbox(
+    data_dir: Path, staging_dir: Path, staged: list[inbox_lib.StagedTile], replaced_dir: Path, ignore_suffix: str
+) -> dict[str, list[str]]:
+    return inbox_lib.merge_staged(data_dir, staging_dir, staged, replaced_dir, ignore_suffix)
+
+
+def _refusal(
+    errors: list[tuple[list[Path], str]], report: ValidationReport | None, staged: list[inbox_lib.StagedTile]
+) -> str:
+    """Why a set is refused: each import error naming its file, then the failed expectations, each offending file
+    said to come from the inbox or to be in the dataset already."""
+    lines = [message for _, message in errors]
+    if report is not None and not report.success:
+        from_inbox = {name for tile in staged for name in tile.files}
+        where = ", ".join(
+            f"{f} ({'from the inbox' if f in from_inbox else 'in the dataset'})" for f in report.offending_files
+        )
+        lines += [f"validation failed: {where}", report.summary()]
+    return "\n".join(lines)
+
+
+def take_in_inbox(root: Path, settings: Params, stamp: str) -> dict[str, Any]:
+    """Stage, validate and merge what the inbox holds (module docstring); returns what happened (``action``:
+    ``empty``, ``refused`` or ``merged``) with what landed, and for a merge ``validated_hash``, the content hash
+    of the dataset the merge made, which the suite has just checked."""
+    logger = get_run_logger()
+    inbox, data_rel, ignore = inbox_dir(root, settings), settings.data.dir, settings.data.ignore_suffix
+    data_dir = root / data_rel
+    scan = scan_inbox_task(inbox, data_dir, ignore)
+    info: dict[str, Any] = {
+        "inbox": str(inbox),
+        "landed": [p.name for p in scan.files],
+        "waiting": scan.waiting,
+        "unrecognised": scan.unrecognised,
+    }
+    if scan.waiting or scan.unrecognised:
+        logger.info(f"left in the inbox: waiting {scan.waiting}, not recognised {scan.unrecognised}")
+    if not scan.files:
+        return {"action": "empty", **info}
+    dvc_file = root / f"{data_rel}.dvc"
+    if dvc_file.is_file() and not data_dir.is_dir():
+        raise RetrainError(f"{data_rel} is versioned by {dvc_file.name} but absent: `dvc pull` it before merging")
+    work = Path(tempfile.mkdtemp(prefix=f"staging-{stamp}-", dir=inbox / WORK_DIR))
+    try:
+        staged, errors = stage_inbox(scan, root, data_dir, work / "tiles", ignore)
+        info["tiles"] = [dataclasses.asdict(tile) for tile in staged]
+        report = None
+        if not errors:
+            candidate = inbox_lib.build_candidate(data_dir, work / "tiles", staged, work / "candidate", ignore)
+            report = validate_annotations(candidate, settings)
+        if errors or (report is not None and not report.success):
+            reason = _refusal(errors, report, staged)
+            refused = inbox_lib.archive_folder(inbox, inbox_lib.REFUSED, stamp)
+            moved = inbox_lib.archive_files(scan, scan.files, refused)
+            info.update(action="refused", reason=reason, archive=str(refused), refused_files=moved["moved"])
+            info["kept"] = moved["kept"]
+            if report is not None:
+                info["offending_files"] = report.offending_files
+            inbox_lib.write_record(refused, info, reason)
+            logger.error(f"inbox set refused, moved to {refused}:\n{reason}")
+            return info
+        validated_hash = tracking.dataset_hash(work / "candidate")
+        done = inbox_lib.archive_folder(inbox, inbox_lib.DONE, stamp)
+        if data_dir.is_dir():
+            # the dataset as it is now, versioned before anything is replaced: its labels stay recoverable
+            version_annotations(root, data_rel)
+            write_bytes_atomic(done / f"{Path(data_rel).name}.dvc.before", dvc_file.read_bytes())
+        merged = merge_inbox(data_dir, work / "tiles", staged, done / "replaced", ignore)
+        moved = inbox_lib.archive_files(scan, [p for s in scan.submissions for p in s.files], done)
+        info.update(action="merged", archive=str(done), validated_hash=validated_hash, kept=moved["kept"], **merged)
+        inbox_lib.write_record(done, info)
+        logger.info(f"merged into {data_rel}: added {merged['added']}, replaced {merged['replaced']}")
+        return info
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 # --- the flow ---------------------------------------------------------------------------------------
 
 
@@ -236,15 +411,55 @@ def _finish(summary: dict[str, Any]) -> dict[str, Any]:
 
 
 @flow(name="retrain-on-new-annotations")
-def retrain_on_new_annotations(repo_dir: str = ".", params_path: str = "params.yaml") -> dict[str, Any]:
-    """Retrain when the annotated dataset changed since the champion was trained (see the module docstring).
+def retrain_on_new_annotations(
+    repo_dir: str = ".", params_path: str = "params.yaml", trigger: str = "manual"
+) -> dict[str, Any]:
+    """Take in the inbox, then retrain when the annotated dataset changed since the champion was trained (see the
+    module docstring).
 
     ``repo_dir``: the project checkout (DVC and git repository); ``params_path``: its settings, relative to
-    ``repo_dir`` unless absolute. Returns the summary dict (``action``: ``none``, ``invalid`` or ``retrained``).
+    ``repo_dir`` unless absolute; ``trigger``: what started the run (recorded). Returns the summary dict
+    (``action``: ``none``, ``refused``, ``invalid`` or ``retrained``).
     """
-    logger = get_run_logger()
     root = Path(repo_dir).resolve()
     settings = load_params(root / params_path)
+    work = inbox_dir(root, settings) / WORK_DIR
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        lock = filelock.FileLock(work / LOCK_NAME, timeout=0)
+        lock.acquire()
+    except filelock.Timeout:
+        raise RetrainError(f"another retraining run holds {work / LOCK_NAME}; this one does nothing") from None
+    try:
+        intake = take_in_inbox(root, settings, inbox_lib.run_stamp())
+        record = {"trigger": trigger, "inbox": intake}
+        if intake["action"] == "refused":
+            message = (
+                f"inbox set refused ({len(intake['refused_files'])} file(s), moved to {intake['archive']}); "
+                f"nothing merged, versioned or trained. {intake['reason'].splitlines()[0]}"
+            )
+            summary = _finish({"action": "refused", "message": message, **record})
+            inbox_lib.write_record(intake["archive"], summary, intake["reason"])
+            return summary
+        try:
+            summary = _retrain_dataset(root, settings, record, intake.get("validated_hash"))
+        except Exception as exc:
+            if intake["action"] == "merged":
+                inbox_lib.write_record(intake["archive"], {**record, "action": "failed", "error": str(exc)})
+            raise
+        if intake["action"] == "merged":
+            inbox_lib.write_record(intake["archive"], summary)
+        return summary
+    finally:
+        lock.release()
+
+
+def _retrain_dataset(
+    root: Path, settings: Params, record: dict[str, Any], validated_hash: str | None
+) -> dict[str, Any]:
+    """The dataset part of the flow: hash, compare, validate (unless ``validated_hash`` is the dataset's: the
+    inbox step has just checked exactly these files), version, ``dvc repro``, the gate's decision."""
+    logger = get_run_logger()
     data_rel = settings.data.dir
     data_dir = root / data_rel
     model_name = settings.promote.model_name
@@ -254,6 +469,7 @@ def retrain_on_new_annotations(repo_dir: str = ".", params_path: str = "params.y
     versions = registered_versions_task(model_name, uri)
     champion, latest = versions["champion"], versions["latest"]
     base = {
+        **record,
         "dataset_hash": current,
         "data_dir": str(data_dir),
         "champion_before": champion and champion["version"],
@@ -273,8 +489,11 @@ def retrain_on_new_annotations(repo_dir: str = ".", params_path: str = "params.y
         + (f"v{champion['version']} trained on {champion['dataset_hash']}" if champion else "none yet")
     )
 
-    report = validate_annotations(data_dir, settings)
-    if not report.success:
+    if current == validated_hash:
+        logger.info(f"{data_rel} is the dataset the inbox step validated (hash {current})")
+    else:
+        report = validate_annotations(data_dir, settings)
+    if current != validated_hash and not report.success:
         failures = [
             {"expectation": f.expectation, "description": f.description, "files": f.files} for f in report.failures
         ]
@@ -343,29 +562,82 @@ def retrain_on_new_annotations(repo_dir: str = ".", params_path: str = "params.y
 def build_deployment(
     settings: Params, repo_dir: str | os.PathLike[str] = ".", params_path: str = "params.yaml"
 ) -> RunnerDeployment:
-    """The served deployment: the flow on the cron schedule of ``settings.schedule`` (in its timezone), with a
-    concurrency limit of one whose collision strategy cancels a run that would overlap the current one."""
+    """The served deployment (module docstring): an event trigger on the inbox event of this project's inbox,
+    the cron schedule of ``settings.schedule`` (in its timezone) as the fallback, and a concurrency limit of one
+    whose collision strategy enqueues a run that would overlap the current one."""
     from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
     from prefect.deployments.runner import EntrypointType
+    from prefect.events import DeploymentEventTrigger
     from prefect.schedules import Cron
 
+    root = Path(repo_dir).resolve()
+    inbox = inbox_dir(root, settings)
+    on_inbox_event = DeploymentEventTrigger(
+        name=f"{DEPLOYMENT_NAME}: annotations arrived in {inbox}",
+        expect={INBOX_EVENT},
+        match={"prefect.resource.id": inbox_resource(inbox)["prefect.resource.id"]},
+        # one run per event: the watcher has already made one event of each burst
+        posture="Reactive",
+        threshold=1,
+        parameters={"trigger": "inbox event: {{ event.payload.files | join(', ') }}"},
+    )
     return retrain_on_new_annotations.to_deployment(
         name=DEPLOYMENT_NAME,
-        schedules=[Cron(settings.schedule.cron, timezone=settings.schedule.timezone)],
-        concurrency_limit=ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.CANCEL_NEW),
-        parameters={"repo_dir": str(Path(repo_dir).resolve()), "params_path": str(params_path)},
-        description="Retrain, validate and let the promotion gate decide when the annotated dataset changes.",
+        schedules=[
+            Cron(settings.schedule.cron, timezone=settings.schedule.timezone, parameters={"trigger": "schedule"})
+        ],
+        triggers=[on_inbox_event],
+        concurrency_limit=ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE),
+        parameters={"repo_dir": str(root), "params_path": str(params_path)},
+        description="Take in corrected annotations, validate, version, retrain and let the promotion gate decide.",
         tags=["nucleiseg", "retrain"],
         # the installed module, not a file path: the runner can start runs whatever its working directory
         entrypoint_type=EntrypointType.MODULE_PATH,
     )
 
 
-def serve(settings: Params, repo_dir: str | os.PathLike[str] = ".", params_path: str = "params.yaml") -> None:
-    """Serve :func:`build_deployment` until interrupted; the runner itself also executes one run at a time."""
-    from prefect import serve as prefect_serve
+def serve(
+    settings: Params,
+    repo_dir: str | os.PathLike[str] = ".",
+    params_path: str = "params.yaml",
+    port: int = 4200,
+    server_log: str | os.PathLike[str] | None = None,
+    on_ready: Callable[[str], None] | None = None,
+) -> None:
+    """Run the retraining service until interrupted (Ctrl-C, SIGTERM): the Prefect server at ``PREFECT_API_URL``,
+    or a local one started on ``port`` (its log to ``server_log``); the deployment of :func:`build_deployment`
+    served by a runner that executes one run at a time; and the inbox watcher, started once the deployment and
+    its trigger are registered, so that no event comes before the trigger exists. ``on_ready(api_url)`` is
+    called then. Everything started here is stopped on the way out, the server last."""
+    from prefect.context import refresh_global_settings_context
+    from prefect.exceptions import TerminationSignal
+    from prefect.runner import Runner
+    from prefect.settings import PREFECT_API_URL
 
-    prefect_serve(build_deployment(settings, repo_dir, params_path), limit=1)
+    from pipelines.inbox_watch import InboxWatcher, emit_inbox_event
+    from pipelines.prefect_server import local_prefect_server
+
+    root = Path(repo_dir).resolve()
+    inbox = inbox_dir(root, settings)
+    deployment = build_deployment(settings, root, params_path)
+    with contextlib.ExitStack() as stack:
+        api_url = PREFECT_API_URL.value()
+        if not api_url:
+            api_url = stack.enter_context(local_prefect_server(port=port, log_path=server_log))
+            # in the environment, for the runs' subprocesses and the pipeline's stages, and in the settings every
+            # thread falls back on (the watcher's events), which Prefect read from the environment at import
+            os.environ["PREFECT_API_URL"] = api_url
+            refresh_global_settings_context()
+        runner = Runner(limit=1, pause_on_shutdown=True)
+        runner.add_deployment(deployment)
+        watcher = InboxWatcher(inbox, lambda names: emit_inbox_event(inbox, names), settings.schedule.inbox_quiet_s)
+        stack.enter_context(watcher)
+        if on_ready is not None:
+            on_ready(api_url)
+        try:
+            asyncio.run(runner.start())
+        except (KeyboardInterrupt, TerminationSignal):
+            get_logger("nucleiseg.serve-retrain").info("stopping: watcher, runner, then the Prefect server")
 
 
 __all__ = [

@@ -36,16 +36,29 @@ def retrain_command(params: ParamsOption = Path("params.yaml"), repo_dir: RepoOp
         for failure in summary["failures"]:
             typer.echo(f"  {failure['description']}: {', '.join(failure['files']) or '(dataset-level)'}", err=True)
         fail(summary["message"])
+    if summary["action"] == "refused":
+        typer.echo(summary["inbox"]["reason"], err=True)
+        fail(summary["message"])
     colour = typer.colors.GREEN if summary.get("promoted") else None
     typer.secho(summary["message"], fg=colour)
 
 
 @app.command("serve-retrain")
-def serve_retrain_command(params: ParamsOption = Path("params.yaml"), repo_dir: RepoOption = Path(".")) -> None:
-    """Serve the retraining flow on the cron schedule of params `schedule` (cron, timezone) until interrupted.
+def serve_retrain_command(
+    params: ParamsOption = Path("params.yaml"),
+    repo_dir: RepoOption = Path("."),
+    port: Annotated[int, typer.Option("--port", help="Port of the local Prefect server (UI and API).")] = 4200,
+    server_log: Annotated[
+        Path | None, typer.Option("--server-log", help="Write the local Prefect server's log to this file.")
+    ] = None,
+) -> None:
+    """Retrain when corrected annotations land in the inbox (params data.inbox), and on the cron schedule of
+    params `schedule` as the fallback, until Ctrl-C.
 
-    Runs never overlap: the deployment has a concurrency limit of one, and a scheduled run that comes while the
-    previous one is still running is cancelled. Set PREFECT_API_URL to a Prefect server to see runs in its UI.
+    Starts a local Prefect server on --port (unless PREFECT_API_URL names one), serves the retraining deployment
+    (an event trigger on the inbox and the cron schedule; one run at a time, a run that would overlap waits), and
+    watches the inbox: a burst of files (no new file for schedule.inbox_quiet_s seconds) becomes one event, and
+    one run. Ctrl-C stops the watcher, the runner and the server.
     """
     settings = read_params(repo_dir / params, None)
     prefect_env()
@@ -55,5 +68,13 @@ def serve_retrain_command(params: ParamsOption = Path("params.yaml"), repo_dir: 
         build_deployment(settings, repo_dir, str(params))  # a bad cron string or timezone fails here, clearly
     except ValueError as exc:
         fail(f"{repo_dir / params}: schedule: {exc}", code=2)
-    typer.echo(f"serving retraining on cron {settings.schedule.cron!r} ({settings.schedule.timezone}); Ctrl-C stops")
-    serve(settings, repo_dir, str(params))
+    inbox = settings.data.inbox
+
+    def ready(api_url: str) -> None:
+        typer.echo(
+            f"watching {inbox}/ and serving retraining (Prefect API {api_url}; cron {settings.schedule.cron!r} "
+            f"{settings.schedule.timezone} as the fallback); Ctrl-C stops",
+            err=True,
+        )
+
+    serve(settings, repo_dir, str(params), port=port, server_log=server_log, on_ready=ready)
