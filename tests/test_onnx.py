@@ -19,6 +19,7 @@ from typer.testing import CliRunner
 from nucleiseg.cli import app
 from nucleiseg.infer import ModelLoadError, load_predictor, model_identity
 from nucleiseg.onnx_model import OPSET, OnnxNetwork, check_against_torch
+from nucleiseg.synth import synth_tile
 
 LOGIT_TOLERANCE = 1e-5  # relative to max |logit|
 PROBABILITY_TOLERANCE = 1e-5
@@ -32,7 +33,6 @@ def trained_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     128x128 tiles: confident maps with real nuclei, unlike random weights, in a few seconds."""
     from nucleiseg.labels import targets
     from nucleiseg.models import create_model
-    from nucleiseg.synth import synth_tile
 
     torch.manual_seed(0)
     with warnings.catch_warnings():
@@ -119,7 +119,6 @@ def test_export_agrees_with_torch_on_tiles_of_several_sizes(exported, trained_ch
 
 
 def test_both_backends_give_the_same_label(exported, trained_checkpoint):
-    from nucleiseg.synth import synth_tile
 
     path, _ = exported
     image, _ = synth_tile(11, (200, 300))  # several 64/16 tiles, and a ragged edge on both axes
@@ -191,7 +190,6 @@ def test_params_accept_only_known_backends():
 def test_predict_runs_an_exported_file_like_its_checkpoint(tmp_path, exported, trained_checkpoint):
     from nucleiseg.io import write_image
     from nucleiseg.labels import read_label
-    from nucleiseg.synth import synth_tile
 
     path, _ = exported
     images = tmp_path / "tiles"
@@ -205,3 +203,26 @@ def test_predict_runs_an_exported_file_like_its_checkpoint(tmp_path, exported, t
     expected = read_label(tmp_path / "by_torch" / "tile_label.png")
     assert expected.max() > 0
     np.testing.assert_array_equal(read_label(tmp_path / "by_onnx" / "tile_label.png"), expected)
+
+
+def test_batch_runs_an_exported_file_and_records_the_backend(tmp_path, exported, trained_checkpoint):
+    from nucleiseg.io import write_image
+    from nucleiseg.labels import read_label
+    from nucleiseg.params import load_params
+    from pipelines.batch_inference import flow_arguments, run_batch_locally
+
+    path, _ = exported
+    images, out = tmp_path / "tiles", tmp_path / "out"
+    write_image(images / "tile.png", synth_tile(6, (128, 192))[0])
+
+    def batch(model: Path, *settings: str) -> dict:
+        return run_batch_locally(**flow_arguments(load_params(None, list(settings)), images, out, str(model)))
+
+    by_torch = batch(trained_checkpoint)
+    assert by_torch["ok"] == 1 and "backend" not in by_torch["settings"]["infer"]  # torch runs: settings as before
+    expected = read_label(out / "tile_label.png")
+    by_onnx = batch(path)  # another model identity: computed again, by ONNX Runtime
+    assert by_onnx["ok"] == 1 and by_onnx["settings"]["infer"]["backend"] == "onnxruntime"
+    np.testing.assert_array_equal(read_label(out / "tile_label.png"), expected)
+    again = batch(path, "infer.backend=onnxruntime")  # the setting reaches the flow; same model and backend: reused
+    assert again["skipped"] == 1 and again["ok"] == 0
