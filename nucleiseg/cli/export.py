@@ -38,14 +38,15 @@ def export_onnx_command(
 ) -> None:
     """Export the network to ONNX (opset 18; dynamic batch, height and width), checked against torch.
 
-    The file takes a float32 batch of normalised RGB tiles (batch, 3, height, width), height and width multiples
-    of 32, and returns the logits (batch, 5, height, width): apply a softmax over axis 1 for probabilities. Its
-    metadata (nucleiseg.norm_mean, norm_std, stain, infer, post, mpp, ...) is what a Predictor needs, so the file
-    is a model of its own: `nucleiseg predict OUT.onnx ...` runs it with ONNX Runtime.
+    Input "image": a float32 batch of normalised RGB tiles (batch, 3, height, width), sides multiples of 32.
 
-    Before the file is written, torch and ONNX Runtime run one synthetic H&E tile of each size; the largest
-    absolute differences of the logits and of the probabilities are printed, and the export fails (nothing
-    written, exit 1) when a probability differs by more than --tolerance.
+    Output "logits": (batch, 5, height, width), before the softmax (over axis 1) that gives the probabilities.
+
+    Its metadata (norm_mean, norm_std, stain, infer, post, mpp, ...) makes the file a model: nucleiseg predict OUT.onnx.
+
+    Before writing, torch and ONNX Runtime run a synthetic H&E tile of each size (--sizes); the differences are printed.
+
+    Nothing is written (exit 1) when a probability differs by more than --tolerance.
     """
     from nucleiseg.infer import ModelLoadError, is_mlflow_uri, load_predictor
     from nucleiseg.io import write_bytes_atomic
