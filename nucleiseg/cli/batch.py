@@ -99,18 +99,18 @@ def batch_command(
             names = list(read_splits(splits_path)[split])
         except (OSError, KeyError, ValueError) as exc:
             fail(f"{splits_path}: cannot read split {split!r} ({exc})")
-    try:
-        OutputFolder(out_dir, [input_dir], force)  # before Prefect starts; the flow claims the file names
-    except OutputError as exc:
-        fail(str(exc))
     arguments = flow_arguments(
         settings, input_dir, out_dir, model, tta, runner, workers, device, names, force, slide_mpp
     )
     if arguments["runner"] not in RUNNERS:
         fail(f"--runner {arguments['runner']!r}: expected one of {', '.join(RUNNERS)}", code=2)
     uri = arguments["model_uri"]
-    if "://" in uri or uri.startswith(("models:/", "runs:/")):
+    if "://" in uri or uri.startswith(("models:/", "runs:/")):  # first: a missing store stops it before OUT_DIR is made
         use_model_store(settings, in_project)
+    try:
+        OutputFolder(out_dir, [input_dir], force)  # before the model is loaded; the batch claims the file names
+    except OutputError as exc:
+        fail(str(exc))
     try:
         summary = batch(**arguments, progress=sys.stderr.isatty() if progress is None else progress)
     except (ModelLoadError, BatchInferenceError) as exc:

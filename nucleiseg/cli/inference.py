@@ -95,6 +95,8 @@ def predict(
         infer = InferSettings(**{**infer.__dict__, "tta": tta})
     post = settings_from(PostSettings, settings.post.model_dump())
 
+    if is_mlflow_uri(model):  # first: a missing store stops the command before OUT is made
+        use_model_store(settings, in_project)
     files, problems = expand_inputs(inputs)
     if not files and not problems:
         fail("no inputs given")
@@ -104,8 +106,6 @@ def predict(
         folder.claim([*names, SUMMARY_NAME])
     except OutputError as exc:
         fail(str(exc))
-    if is_mlflow_uri(model):
-        use_model_store(settings, in_project)
     try:
         predictor = load_predictor(model, device=device, backend=settings.infer.backend)
     except (ModelLoadError, ValueError) as exc:  # ValueError: an unavailable --device

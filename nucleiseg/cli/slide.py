@@ -69,15 +69,15 @@ def slide_command(
     clashes = sorted({n for n in names if names.count(n) > 1})
     if clashes:
         fail(f"slides with the same name would write the same outputs: {', '.join(clashes)}", code=2)
+    model_ref = model or f"models:/{settings.promote.model_name}@champion"
+    if is_mlflow_uri(model_ref):  # first: a missing store stops the command before OUT is made
+        use_model_store(settings, in_project)
     try:  # before any work: the output folder apart from the slides, nothing replaced that nucleiseg did not write
         folder = OutputFolder(out, inputs=[s for s in slides if s.exists()], force=force)
         folder.claim([p.name for n in names for p in slide_output_paths(out, n).values()])
     except OutputError as exc:
         fail(str(exc))
         return
-    model_ref = model or f"models:/{settings.promote.model_name}@champion"
-    if is_mlflow_uri(model_ref):
-        use_model_store(settings, in_project)
     from pipelines.batch_inference import resolve_model
 
     try:
