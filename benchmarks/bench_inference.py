@@ -16,10 +16,20 @@ FLOPs (``torch.utils.flop_counter.FlopCounterMode``, per tile x number of tiles)
 ``--tile 512`` (or more) adds a row for a larger inference tile, a params choice (``infer.tile``) that cuts the
 overlap's recomputation.
 
+Backends (``--onnx``): the network's forward pass plus softmax on the same batches of normalised tiles, as the
+:class:`nucleiseg.infer.Predictor` runs it (``nucleiseg.infer._TileRunner``, no TTA), by **torch** (channels_last,
+``torch.inference_mode``) and by **onnxruntime** (:class:`nucleiseg.onnx_model.OnnxNetwork`: the ResUNet34 exported
+with ``nucleiseg.onnx_model.export_onnx``, CPU execution provider, the same number of threads), interleaved, best of
+``--repeats``: 224 x 224 tiles in batches of ``--batch-size`` and one 1024 x 1024 tile. Printed: seconds per batch,
+tiles/s and megapixels/s of each, the ratio onnxruntime / torch, the export time and the largest probability
+difference between the two; then the whole tiled prediction of the ``--size`` image (224/80 tiles,
+:func:`nucleiseg.infer.predict_classes`) by each, and after how many such images the export on load is paid back.
+
 Memory (``--memory``): :func:`nucleiseg.infer.predict_label` (tiles + post-processing) on a 10000 x 10000 image
 with a 1x1-convolution stand-in network, in a subprocess; prints its peak resident memory.
 
-Run: ``python benchmarks/bench_inference.py [--threads 2] [--repeats 2] [--tile 1024] [--memory]``.
+Run: ``python benchmarks/bench_inference.py [--threads 2] [--repeats 2] [--tile 1024] [--memory] [--onnx]``
+(``--skip-speed --onnx``: the backends alone).
 """
 
 from __future__ import annotations
@@ -169,6 +179,74 @@ def run_speed(args: argparse.Namespace) -> None:
     print(f"argmax maps agree on {agree:.2%} of pixels (zero vs reflect padding differs near the bottom/right border)")
 
 
+def run_onnx(args: argparse.Namespace) -> None:
+    import torch
+
+    from nucleiseg.infer import _TileRunner
+    from nucleiseg.models import create_model
+    from nucleiseg.onnx_model import OPSET, OnnxNetwork, export_onnx
+
+    torch.set_num_threads(args.threads)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = create_model("resunet34", encoder_weights="none").eval()
+    started = time.perf_counter()
+    network = OnnxNetwork(export_onnx(model, {"input_divisor": 32}))  # intra-op threads: torch's, args.threads
+    export_seconds = time.perf_counter() - started
+    model.to(memory_format=torch.channels_last)  # as load_predictor holds it
+    cpu = torch.device("cpu")
+    runners = {"torch": _TileRunner(model, cpu, False, None), "onnxruntime": _TileRunner(network, cpu, False, None)}
+    rng = np.random.default_rng(0)
+    cases = [(224, args.batch_size), (1024, 1)]
+    import onnxruntime
+
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+          f"onnxruntime {onnxruntime.__version__}")  # fmt: skip
+    print(f"threads: {args.threads} (torch.set_num_threads; onnxruntime intra_op_num_threads), best of "
+          f"{args.repeats} interleaved runs; export to ONNX (opset {OPSET}): {export_seconds:.1f} s")  # fmt: skip
+    print(f"{'tiles':<22} {'backend':<12} {'s/batch':>8} {'cpu s':>7} {'tiles/s':>8} {'MP/s':>7} {'max |dp|':>9}")
+    for side, batch in cases:
+        x = torch.from_numpy(rng.standard_normal((batch, 3, side, side), dtype=np.float32))
+        best = {name: (float("inf"), float("inf")) for name in runners}
+        outputs = {}
+        with torch.inference_mode():
+            for runner in runners.values():
+                runner(x)  # warm-up: oneDNN primitives, ONNX Runtime's first-run allocations
+            for _ in range(args.repeats):
+                for name, runner in runners.items():
+                    wall, cpu_s, outputs[name] = timed(lambda runner=runner, x=x: runner(x))
+                    best[name] = (min(best[name][0], wall), min(best[name][1], cpu_s))
+        difference = float((outputs["onnxruntime"] - outputs["torch"]).abs().max())
+        for name in runners:
+            wall, cpu_s = best[name]
+            label = f"{batch} x {side}x{side}"
+            shown = f"{difference:9.1e}" if name == "onnxruntime" else f"{'':>9}"
+            print(f"{label:<22} {name:<12} {wall:8.2f} {cpu_s:7.2f} {batch / wall:8.2f} "
+                  f"{batch * side * side / wall / 1e6:7.3f} {shown}")  # fmt: skip
+        ratio = best["torch"][0] / best["onnxruntime"][0]
+        print(f"{'':<22} onnxruntime / torch throughput: {ratio:.2f}x ({'faster' if ratio > 1 else 'slower'})")
+
+    # The whole tiled prediction of a --size image (224/80 tiles), as predict runs it: tiling and argmax included.
+    from nucleiseg.infer import predict_classes
+
+    image = rng.integers(0, 256, (args.size, args.size, 3), dtype=np.uint8)
+    mean, std = (0.7, 0.5, 0.7), (0.15, 0.15, 0.15)
+    networks = {"torch": model, "onnxruntime": network}
+    best = {name: float("inf") for name in networks}
+    for _ in range(args.repeats):
+        for name, net in networks.items():
+            wall, _, _ = timed(lambda net=net: predict_classes(net, image, mean, std, batch_size=args.batch_size))
+            best[name] = min(best[name], wall)
+    torch_s, onnx_s = best["torch"], best["onnxruntime"]
+    line = (
+        f"{args.size}x{args.size} image, 224/80 tiles, batch {args.batch_size} (predict_classes): "
+        f"torch {torch_s:.2f} s, onnxruntime {onnx_s:.2f} s: {torch_s / onnx_s:.2f}x"
+    )
+    if onnx_s < torch_s:
+        line += f"; the export on load pays for itself after {export_seconds / (torch_s - onnx_s):.1f} such images"
+    print(line)
+
+
 _MEMORY_CHILD = """
 import json, resource, sys, time
 import numpy as np, torch
@@ -225,9 +303,12 @@ def main() -> None:
     parser.add_argument("--memory", action="store_true", help="also measure peak memory on a huge image")
     parser.add_argument("--memory-side", type=int, default=10000)
     parser.add_argument("--skip-speed", action="store_true")
+    parser.add_argument("--onnx", action="store_true", help="also compare the torch and onnxruntime backends")
     args = parser.parse_args()
     if not args.skip_speed:
         run_speed(args)
+    if args.onnx:
+        run_onnx(args)
     if args.memory:
         run_memory(args)
 
