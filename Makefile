@@ -37,5 +37,5 @@ bench:  ## the benchmarks (minutes; figures go to benchmarks/README.md)
 	for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
 
 .PHONY: serve-retrain
-serve-retrain:  ## retrain on new annotations on the cron schedule of params.yaml (runs until stopped)
+serve-retrain:  ## a local Prefect server, the retraining deployment and the inbox watcher (data.inbox); Ctrl-C stops all
 	$(BIN)/nucleiseg serve-retrain
