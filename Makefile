@@ -36,6 +36,11 @@ ui:  ## the MLflow UI on the local tracking store
 bench:  ## the benchmarks (minutes; figures go to benchmarks/README.md)
 	for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
 
+.PHONY: prefect-server
+prefect-server:  ## a local Prefect server, started once (UI and API on http://127.0.0.1:4200; runs until stopped)
+	@echo "In the shells that run flows: export PREFECT_API_URL=http://127.0.0.1:4200/api"
+	$(BIN)/prefect server start --host 127.0.0.1 --port 4200
+
 .PHONY: serve-retrain
 serve-retrain:  ## a local Prefect server, the retraining deployment and the inbox watcher (data.inbox); Ctrl-C stops all
 	$(BIN)/nucleiseg serve-retrain
