@@ -31,6 +31,7 @@ demo:  ## the whole pipeline on the embedded synthetic data
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc metrics show
 
 ui:  ## the MLflow UI on the local tracking store
+	@echo "MLflow UI, model-training view: http://127.0.0.1:5000/#/experiments?workflowType=machine_learning"
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db --host 127.0.0.1 --port 5000
 
 bench:  ## the benchmarks (minutes; figures go to benchmarks/README.md)

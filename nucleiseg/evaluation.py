@@ -172,16 +172,21 @@ def headline(report: dict[str, Any]) -> dict[str, Any]:
     return figures
 
 
-def confusion_rows(report: dict[str, Any]) -> list[dict[str, str]]:
-    """One row per matched nucleus pair (``actual``, ``predicted`` class names), for DVC's confusion plot: the
-    paper's detection pairs, or, in a report of HoVer-Net's protocol only, its centroid pairs."""
+def confusion_matrix(report: Mapping[str, Any]) -> tuple[np.ndarray, tuple[str, ...]]:
+    """``(counts, class names)`` of a report's confusion matrix (rows true class, columns predicted): the paper's
+    detection pairs, or, in a report of HoVer-Net's protocol only, its centroid pairs."""
     from nucleiseg.labels import CLASS_NAMES
     from nucleiseg.metrics import HOVERNET_TYPES
 
     if "summary" in report:
-        confusion, names = np.asarray(report["summary"]["classification"]["confusion"]), CLASS_NAMES
-    else:
-        confusion, names = np.asarray(report["hovernet"]["pooled"]["type_pairs"]), HOVERNET_TYPES
+        return np.asarray(report["summary"]["classification"]["confusion"]), tuple(CLASS_NAMES)
+    return np.asarray(report["hovernet"]["pooled"]["type_pairs"]), tuple(HOVERNET_TYPES)
+
+
+def confusion_rows(report: dict[str, Any]) -> list[dict[str, str]]:
+    """One row per matched nucleus pair (``actual``, ``predicted`` class names), for DVC's confusion plot (the
+    pairs of :func:`confusion_matrix`)."""
+    confusion, names = confusion_matrix(report)
     rows = []
     for true_class, counts in enumerate(confusion.astype(np.int64)):
         for pred_class, count in enumerate(counts):

@@ -17,6 +17,12 @@ from typing import Any
 import numpy as np
 
 MODEL_ARTIFACT = "model"
+# The experiment tag MLflow 3 reads to choose the experiment page's kind: classic model training (runs, metrics,
+# models), not the GenAI page (traces, evaluations). MLflow 3.17's UI follows its global "GenAI / Model training"
+# switch instead: a link with ``?workflowType=machine_learning`` opens in model training (`make ui` prints one), and
+# the browser remembers the switch once it is clicked.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
 
 
 def tracking_uri(configured: str) -> str:
@@ -74,10 +80,14 @@ def configure(uri: str, experiment: str, artifacts: str | os.PathLike[str] | Non
         mlflow.set_registry_uri(uri)
     found = mlflow.get_experiment_by_name(experiment)
     if found is not None:
+        if found.tags.get(EXPERIMENT_KIND_TAG) is None:  # made before the tag was set, or by another tool
+            mlflow.MlflowClient().set_experiment_tag(found.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         mlflow.set_experiment(experiment_id=found.experiment_id)
         return found.experiment_id
     location = Path(artifacts).resolve().as_uri() if artifacts is not None else None
-    experiment_id = mlflow.create_experiment(experiment, artifact_location=location)
+    experiment_id = mlflow.create_experiment(
+        experiment, artifact_location=location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
+    )
     mlflow.set_experiment(experiment_id=experiment_id)
     return experiment_id
 

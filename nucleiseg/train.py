@@ -513,7 +513,12 @@ def train(
                 if run is not None:
                     import mlflow
 
-                    mlflow.log_metrics({k: v for k, v in metrics.items() if not math.isnan(v)}, step=epoch + 1)
+                    from nucleiseg.lineage import metric_name
+
+                    # grouped by "/" in MLflow (train/loss, val/f1); history.json keeps the flat keys
+                    mlflow.log_metrics(
+                        {metric_name(k): v for k, v in metrics.items() if not math.isnan(v)}, step=epoch + 1
+                    )
                 _log(echo, f"epoch {epoch + 1}: " + _fmt(metrics))
                 if epoch_callback is not None and is_val_epoch:
                     epoch_callback(epoch + 1, metrics)
@@ -630,7 +635,24 @@ def _start_tracking(
                 "vgg_pretrained": "n/a" if vgg_pretrained is None else str(bool(vgg_pretrained)).lower(),
             }
         )
+        datasets = _split_datasets(params, data)
+        if datasets:
+            from nucleiseg.lineage import log_datasets
+
+            log_datasets(run.info.run_id, datasets)
     return run
+
+
+def _split_datasets(params: Params, data: PreparedData) -> dict[str, Any]:
+    """The splits of ``splits.json`` as MLflow datasets (nucleiseg.lineage); empty without a split file."""
+    from nucleiseg.lineage import split_datasets
+    from nucleiseg.prepare import read_splits
+
+    splits = data.root / "splits.json"
+    if not splits.is_file():
+        return {}
+    folder = Path(params.data.dir)
+    return split_datasets(folder if folder.is_dir() else data.root / "images", read_splits(splits))
 
 
 def _dataset_hash(data_dir: str, prepared_root: Path) -> str:
@@ -658,16 +680,45 @@ def _finish_tracking(
         if overlay is not None:
             mlflow.log_artifact(str(overlay), artifact_path="overlays")
     best = out / "best.pt"
+    best_epoch = None
     if best.is_file():
-        model.load_state_dict(load_checkpoint(best, map_location=device)["state_dict"])
+        checkpoint = load_checkpoint(best, map_location=device)
+        model.load_state_dict(checkpoint["state_dict"])
+        best_epoch = int(checkpoint["epoch"]) + 1
     # The pyfunc model (nucleiseg.mlflow_model): safetensors weights and a JSON config, no pickle; its input
     # example is a small crop of a real image.
     example_image = read_image(data.val_items[0][0] if data.val_items else data.train_items[0][0])
     config = {"model_name": params.model.name, **predictor_extras(params, data)}
     info = mlflow_model.log_model(model.cpu(), config, mlflow_model.example_crop(example_image))
+    _describe_logged_model(run_id, info.model_id, best, history, best_epoch, _split_datasets(params, data))
     mlflow.end_run()
     (out / "model_uri").write_text(info.model_uri)
     return run_id, info.model_uri
+
+
+def _describe_logged_model(
+    run_id: str,
+    model_id: str | None,
+    checkpoint: Path,
+    history: list[dict[str, float]],
+    epoch: int | None,
+    datasets: dict[str, Any],
+) -> None:
+    """Tie the run to the checkpoint it logged (so ``nucleiseg score`` knows where that checkpoint's test figures
+    belong) and give the logged model the validation figures of the epoch it was saved at, on the validation set."""
+    import mlflow
+
+    from nucleiseg import lineage
+
+    if checkpoint.is_file():
+        mlflow.set_tag(lineage.CHECKPOINT_TAG, lineage.checkpoint_digest(checkpoint))
+    record = next((h for h in history if h["epoch"] == epoch), None)
+    if record is not None and model_id is not None:
+        figures = {k.removeprefix("val_"): v for k, v in record.items() if k.startswith("val_")}
+        # at the epoch's own step: the run's val/ curves get the same point again, not a new one
+        lineage.log_figures(
+            run_id, figures, prefix="val", step=int(epoch), model_id=model_id, dataset=datasets.get("val")
+        )
 
 
 def _plot_history(history: list[dict[str, float]], path: Path) -> None:

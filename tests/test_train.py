@@ -43,9 +43,9 @@ def test_training_leaves_a_complete_mlflow_run(tiny_prepared, tmp_path):
     assert run.data.params["train.lr"] == "0.0001" and run.data.params["model.name"] == "resunet34"
     assert run.data.tags["encoder_pretrained"] == "false"  # weights 'none' here; offline imagenet falls back too
     assert len(run.data.tags["dataset_hash"]) == 16 and run.data.tags["params_hash"] == params.digest()
-    losses = client.get_metric_history(result.run_id, "train_loss")
+    losses = client.get_metric_history(result.run_id, "train/loss")  # grouped by "/" (nucleiseg.lineage)
     assert [m.step for m in losses] == [1, 2] and all(m.value > 0 for m in losses)
-    assert client.get_metric_history(result.run_id, "val_f1")
+    assert client.get_metric_history(result.run_id, "val/f1")
     artifacts = {a.path for a in client.list_artifacts(result.run_id)}
     assert {"learning_curves.png", "history.json", "overlays"} <= artifacts
 

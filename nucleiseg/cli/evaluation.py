@@ -163,6 +163,14 @@ def score(
     overlays: Annotated[Path | None, typer.Option(help="Also write overlay images (<name>.png) here.")] = None,
     protocol: ProtocolOverride = None,
     force: ForceOption = False,
+    track: Annotated[
+        bool,
+        typer.Option(
+            "--track/--no-track",
+            help="Test split of a checkpoint that `nucleiseg train` logged: add the figures (test/...) and the "
+            "confusion matrix to its MLflow run and logged model.",
+        ),
+    ] = True,
 ) -> None:
     """Predict a split's original images with MODEL and score them (the pipeline's evaluate stage).
 
@@ -171,7 +179,9 @@ def score(
     confusion plot. Tiling and post-processing come from the params sections infer and post (as for `nucleiseg
     predict`), not from the settings saved with the model, so `--set infer.tile=1024` scores a model that way.
     The protocol (eval.protocol, or --protocol) decides which figures: the paper's, HoVer-Net's, or both.
-    The output folders must be apart from the dataset; outputs nucleiseg did not write need --force."""
+    The output folders must be apart from the dataset; outputs nucleiseg did not write need --force.
+    The test split of a checkpoint that `nucleiseg train` logged (mlflow_run_id beside it, same bytes) adds its
+    figures as metrics test/all/f1, test/hovernet/pq, ... to that run and its logged model (--no-track: not)."""
     settings = read_params(params, _with_protocol(set_, protocol))
     from nucleiseg import tracking
     from nucleiseg.evaluation import confusion_rows, evaluate_model, headline, split_items
@@ -223,6 +233,24 @@ def score(
     write_json_atomic(out.with_name("confusion.json"), confusion_rows(report))
     record_files(out.parent, written)
     typer.echo(f"{split}: {len(items)} image(s); {_figures_line(report)}; written to {out}")
+    if track and split == "test" and Path(model).is_file():
+        typer.echo(_record_test_results(Path(model), report, settings, data, splits, written[1]))
+
+
+def _record_test_results(checkpoint: Path, report: dict[str, Any], settings: Any, data: Path, splits: Path,
+                         summary_file: Path) -> str:  # fmt: skip
+    """Add a checkpoint's test figures to the MLflow run that trained it, when there is one (nucleiseg.lineage)."""
+    from nucleiseg import lineage, tracking
+    from nucleiseg.evaluation import confusion_matrix, headline
+    from nucleiseg.prepare import read_splits
+
+    if not checkpoint.with_name(lineage.RUN_ID_FILE).is_file():
+        return f"test figures not logged to MLflow: no {lineage.RUN_ID_FILE} beside {checkpoint}"
+    tracking.configure(settings.tracking.uri, settings.tracking.experiment, settings.tracking.artifacts)
+    test_set = lineage.split_datasets(data, read_splits(splits)).get("test")
+    return lineage.record_test_results(
+        checkpoint, _json_ready(headline(report)), confusion_matrix(report), [summary_file], test_set
+    )
 
 
 def _scored(name: str, folders: dict[str, Any], predictions: Path | None, overlays: Path | None) -> None:
@@ -251,6 +279,10 @@ def report_command(
         list[str] | None, typer.Option("--compare", help="Published figures to compare with: hovernet-consep.")
     ] = None,
     protocol: ProtocolOverride = None,
+    track: Annotated[
+        bool,
+        typer.Option("--track/--no-track", help="Add the report to the MLflow run of the scored checkpoint."),
+    ] = True,
 ) -> None:
     """Write the results report: Tables 1 and 2, AJI / PQ / mPQ+, confusion matrix, per image (the paper's
     protocol), HoVer-Net's figures (its protocol), published figures beside them, training, overlays. Which
@@ -282,3 +314,20 @@ def report_command(
         return
     write_text_atomic(out, text)
     typer.echo(f"report written to {out}")
+    model = evaluation.get("model")
+    if track and evaluation.get("split") == "test" and isinstance(model, str) and Path(model).is_file():
+        typer.echo(_log_report(Path(model), out, settings))
+
+
+def _log_report(checkpoint: Path, report: Path, settings: Any) -> str:
+    """Add the report to the MLflow run that trained the scored checkpoint, when there is one."""
+    from nucleiseg import lineage, tracking
+
+    if not checkpoint.with_name(lineage.RUN_ID_FILE).is_file():
+        return f"report not logged to MLflow: no {lineage.RUN_ID_FILE} beside {checkpoint}"
+    tracking.configure(settings.tracking.uri, settings.tracking.experiment, settings.tracking.artifacts)
+    found = lineage.training_run_of(checkpoint)
+    if isinstance(found, str):
+        return f"report not logged to MLflow: {found}"
+    lineage.log_artifacts(found[0], [report], "evaluation")
+    return f"report logged to MLflow run {found[0]} (evaluation/{report.name})"
