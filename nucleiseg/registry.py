@@ -3,8 +3,11 @@
 Definitions (MLflow 3 registry, aliases only; stages are deprecated and never used):
 
 - **version**: one registered copy of a logged model, tagged with where it came from (``dataset_hash``,
-  ``split_hash``, ``git_commit``, ``params_hash``) and its test figures, flattened to ``test.<group>.<figure>``
-  (``test.all.f1``, ``test.tumor.dice``, ...). ``split_hash`` names the test split those figures were measured on.
+  ``split_hash``, ``git_commit``, ``params_hash``) and the test figures the gate compares, flattened to
+  ``test.<group>.<figure>`` (``test.all.f1``, ``test.all.dice``: ``nucleiseg register`` records the gate's metric
+  and tie breaker; every test figure is a metric of the logged model, ``test/all/f1``, see nucleiseg.lineage).
+  ``split_hash`` names the test split those figures were measured on. A version that lacks a figure the gate
+  compares (the gate's metric was changed since) is scored again, like a version of another split.
 - **challenger**: the alias of the most recently registered version, the candidate.
 - **champion**: the alias of the version batch inference serves (``models:/<name>@champion``).
 - **the gate** (:func:`promote_challenger`): the challenger takes ``champion`` only when its score on the current
@@ -294,10 +297,14 @@ def register_model(
     run_id: str | None = None,
     trained_on: Sequence[str] | None = None,
     *,
+    figures: Sequence[str] | None = None,
     tracking_uri: str | None = None,
 ) -> str:
     """Add ``model_uri`` as a new version of ``name`` (created if needed), tagged with its provenance and
     flattened test figures, and give it the ``challenger`` alias. Returns the version number (as text).
+
+    ``figures``: which figures of ``test_metrics`` become tags (``("all.f1", "all.dice")``, the gate's);
+    None: all of them.
 
     ``trained_on``: the names of the images the model was trained and validated on, recorded for the gate's
     leakage check (see the module docstring) when they fit in a tag; their number is recorded in any case.
@@ -317,8 +324,11 @@ def register_model(
         if exc.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
             raise
     source, source_run_id, model_id = _source_run(client, model_uri)
+    flat = flatten_metrics(test_metrics)
+    if figures is not None:
+        flat = {k: v for k, v in flat.items() if k.removeprefix(METRIC_PREFIX) in figures}
     tags = {
-        **flatten_metrics(test_metrics),
+        **flat,
         "dataset_hash": dataset_hash,
         "split_hash": split_hash,
         "git_commit": git_commit or "unknown",
@@ -436,7 +446,8 @@ def _scores_now(
     """
     tags = dict(mv.tags)
     recorded_split = tags.get("split_hash")
-    if current_split is None or recorded_split == current_split:
+    missing = [k for k in keys if METRIC_PREFIX + k not in tags]  # a figure it did not record: score it now
+    if (current_split is None or recorded_split == current_split) and not (missing and evaluate is not None):
         return {k: _tag_score(tags, k) for k in keys}, False
     if evaluate is None:
         return None, False
@@ -452,7 +463,9 @@ def _scores_now(
         scores = {k: lookup_metric(fresh, k) for k in keys}
     except KeyError as exc:
         raise RegistryError(f"the evaluation of {uri} has no figure {exc.args[0]!r}") from None
-    new_tags = flatten_metrics(fresh)
+    # the figures it recorded and the ones compared now, no more (all figures are on the logged model)
+    recorded = {k for k in tags if k.startswith(METRIC_PREFIX)} | {METRIC_PREFIX + k for k in keys}
+    new_tags = {k: v for k, v in flatten_metrics(fresh).items() if k in recorded}
     version = str(mv.version)
     # figures from the old split would mislead next to the new ones
     writes.deleted += [(version, k) for k in tags if k.startswith(METRIC_PREFIX) and k not in new_tags]
@@ -603,7 +616,7 @@ def _gate(
     new_v = str(challenger.version)
     old_v = None if champion is None else str(champion.version)
     uses_recorded = split_hash is None or challenger.tags.get("split_hash") == split_hash
-    if uses_recorded and METRIC_PREFIX + metric not in challenger.tags:
+    if uses_recorded and METRIC_PREFIX + metric not in challenger.tags and evaluate is None:
         recorded = sorted(k.removeprefix(METRIC_PREFIX) for k in challenger.tags if k.startswith(METRIC_PREFIX))
         raise RegistryError(
             f"version {new_v} of {name!r} has no figure {metric!r} (recorded: {', '.join(recorded) or 'none'})"
@@ -726,7 +739,7 @@ def register_and_promote(
     with registry_lock(tracking_uri):
         version = register_model(
             model_uri, name, test_metrics, dataset_hash, split_hash, git_commit, params_hash, run_id, trained_on,
-            tracking_uri=tracking_uri,
+            figures=(metric, tie_breaker), tracking_uri=tracking_uri,
         )  # fmt: skip
         decision = _gate(
             _client(tracking_uri), name, metric, tie_breaker, split_hash, evaluate, test_images, version, check

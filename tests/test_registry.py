@@ -291,6 +291,36 @@ def test_split_change_without_evaluator_keeps_champion(store: Store) -> None:
     assert "cannot compare" in decision.reason and "old-split" in decision.reason
 
 
+def _register_for_gate(store: Store, name: str, summary: dict[str, Any], metric: str = "all.f1",
+                       evaluate: Any = None) -> tuple[str, Decision]:  # fmt: skip
+    return registry.register_and_promote(
+        store.model_uri, name, summary, dataset_hash="data-1", split_hash="split-a", git_commit="abc123",
+        params_hash="p-1", metric=metric, tie_breaker="all.dice", evaluate=evaluate, tracking_uri=store.uri,
+    )  # fmt: skip
+
+
+def test_a_registered_version_keeps_only_the_figures_the_gate_compares(store: Store) -> None:
+    """Every test figure is a metric of the logged model (nucleiseg.lineage); the version's tags hold the gate's."""
+    version, decision = _register_for_gate(store, "few-tags", _summary(0.5))
+    tags = _tags(store, "few-tags", version)
+    assert {k for k in tags if k.startswith("test.")} == {"test.all.f1", "test.all.dice"}
+    assert {"dataset_hash", "split_hash", "git_commit", "params_hash"} <= tags.keys() and decision.promoted
+
+
+def test_a_figure_the_champion_did_not_record_is_scored_again(store: Store) -> None:
+    """promote.metric changed to the Hausdorff distance: the champion recorded only F1 and Dice, so it is scored
+    now (not compared as NaN, which would always lose), and keeps the new figure as a tag."""
+    name = "new-metric"
+    v1, _ = _register_for_gate(store, name, _summary(0.5, hausdorff=4.0))
+    evaluate = FigureTable({v1: 0.5}, store.reference_output)  # scores it with Hausdorff 5.0
+    _, decision = _register_for_gate(store, name, _summary(0.5, hausdorff=6.0), "all.hausdorff", evaluate)
+    assert evaluate.calls == [f"models:/{name}/{v1}"] and decision.reevaluated == (v1,)
+    assert decision.scores == {"challenger": {"all.hausdorff": 6.0, "all.dice": 0.7},
+                               "champion": {"all.hausdorff": 5.0, "all.dice": 0.7}}  # fmt: skip
+    assert not decision.promoted and _aliases(store, name)[CHAMPION] == v1  # 6.0 is worse (lower is better)
+    assert _tags(store, name, v1)["test.all.hausdorff"] == "5.0"
+
+
 def _register_trained(store: Store, name: str, f1: float, trained_on: list[str]) -> str:
     return registry.register_model(
         store.model_uri,
