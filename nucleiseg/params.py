@@ -168,8 +168,8 @@ class InferParams(_Section):
     batch_size: int = Field(8, ge=1)
     tta: bool = False
     # What runs the network's forward pass: torch, or onnxruntime (the network exported to ONNX on load and run
-    # by ONNX Runtime on the CPU; an .onnx model from `nucleiseg export onnx` always runs on it); benchmarks/README.md
-    # compares their speed
+    # by ONNX Runtime on the CPU; an .onnx model from `nucleiseg export onnx` always runs on it). ONNX Runtime is
+    # 1.6-3.6x faster on 2 CPU cores, but exporting on load costs 10-30 s: torch is the default (benchmarks/README.md)
     backend: Literal["torch", "onnxruntime"] = "torch"
     runner: Literal["threads", "dask"] = "threads"  # batch inference task runner (dask needs prefect-dask)
     workers: int = Field(2, ge=1)  # images processed at once by batch inference
