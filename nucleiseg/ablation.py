@@ -25,7 +25,7 @@ paper figures
 
 Tracking: each row is the MLflow run of its training (:func:`nucleiseg.train.train`), tagged ``ablation``
 (the ablation's id) and ``ablation.row``, nested under one parent run that holds the report; the test
-figures are logged on it as ``test_<group>_<figure>`` and ``test_accuracy[_<class>]``.
+figures are logged on it as ``test/<group>/<figure>`` and ``test/classification/accuracy[_<class>]``.
 """
 
 from __future__ import annotations
@@ -165,15 +165,17 @@ def score_row(trained: Mapping[str, Any], items: Sequence[Any], device: str = "a
 
 
 def row_test_metrics(summary: Mapping[str, Any]) -> dict[str, float]:
-    """Table 1 and 2 figures of a test summary as flat MLflow metric names (undefined ones left out)."""
+    """Table 1 and 2 figures of a test summary as MLflow metrics (undefined ones left out), named as ``nucleiseg
+    score`` names a training run's test figures (nucleiseg.lineage): ``test/all/f1``,
+    ``test/classification/accuracy``."""
     out: dict[str, float] = {}
     for group in GROUPS:
         for figure in ("f1", "dice", "hausdorff", "aji", "pq"):
-            out[f"test_{group}_{figure}"] = summary[group][figure]
+            out[f"test/{group}/{figure}"] = summary[group][figure]
     cls = summary["classification"]
-    out["test_accuracy"] = cls["accuracy"]
+    out["test/classification/accuracy"] = cls["accuracy"]
     for name in CLASSES:
-        out[f"test_accuracy_{name}"] = cls[f"accuracy_{name}"]
+        out[f"test/classification/accuracy_{name}"] = cls[f"accuracy_{name}"]
     return {k: float(v) for k, v in out.items() if v is not None and not math.isnan(float(v))}
 
 

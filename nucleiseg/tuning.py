@@ -390,8 +390,15 @@ class _TrialRun:
     def log_epoch(self, epoch: int, metrics: Mapping[str, float]) -> None:
         from mlflow.entities import Metric
 
+        from nucleiseg.lineage import metric_name
+
         now = int(time.time() * 1000)
-        items = [Metric(k, float(v), now, epoch) for k, v in metrics.items() if v is not None and not math.isnan(v)]
+        # the names of a training run (train/loss, val/f1), so trials and runs compare side by side
+        items = [
+            Metric(metric_name(k), float(v), now, epoch)
+            for k, v in metrics.items()
+            if v is not None and not math.isnan(v)
+        ]
         if items:
             self.client.log_batch(self.run_id, metrics=items)
         self.logged_epochs.add(epoch)

@@ -51,9 +51,9 @@ def test_every_row_is_an_mlflow_run_tagged_ablation(ablation_run):
     for key, run in by_row.items():
         assert run.info.status == "FINISHED" and run.data.tags["mlflow.parentRunId"] == parent.info.run_id
         assert run.data.params["train.epochs"] == "1" and run.data.params["train.seed"] == "0"  # same budget
-        assert "test_all_f1" in run.data.metrics and "train_loss" in run.data.metrics
+        assert "test/all/f1" in run.data.metrics and "train/loss" in run.data.metrics
         row = next(r for r in outcome["rows"] if r["key"] == key)
-        assert run.data.metrics["test_all_f1"] == pytest.approx(row["test"]["all"]["f1"])
+        assert run.data.metrics["test/all/f1"] == pytest.approx(row["test"]["all"]["f1"])
     assert by_row["unet"].data.params["model.name"] == "unet"
     assert by_row["no_perceptual"].data.params["train.beta"] == "0.0"
     assert by_row["full"].data.params["model.encoder_weights"] == "imagenet"  # asked for, even offline

@@ -86,7 +86,7 @@ def test_every_trial_is_a_nested_run_with_its_curve_and_score(study_run):
         assert float(run.data.params["loss.w0"]) == pytest.approx(applied["loss.w0"])
         assert float(run.data.params["train.beta"]) == pytest.approx(applied["train.beta"])
         assert run.data.params["train.epochs"] == "2"  # tune.epochs replaces train.epochs
-        curve = client.get_metric_history(run.info.run_id, "val_f1")
+        curve = client.get_metric_history(run.info.run_id, "val/f1")
         assert [m.step for m in curve] == [1, 2]
         # The final score is the best validated epoch's figure, and it is what Optuna optimises.
         assert run.data.metrics["best_val_f1"] == pytest.approx(max(m.value for m in curve))
@@ -190,7 +190,7 @@ def test_pruned_trials_are_recorded_and_leave_no_best_params(tiny_prepared, stor
     assert len(runs) == 1
     for run in runs:
         assert run.data.tags["optuna.state"] == "PRUNED" and run.info.status == "FINISHED"
-        assert [m.step for m in mlflow.MlflowClient().get_metric_history(run.info.run_id, "val_f1")] == [1]
+        assert [m.step for m in mlflow.MlflowClient().get_metric_history(run.info.run_id, "val/f1")] == [1]
 
 
 def test_the_default_pruner_is_median_on_epochs():
