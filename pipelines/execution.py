@@ -183,9 +183,12 @@ class PrefectMapper(Mapper):
         from prefect.futures import as_completed
         from prefect.utilities.annotations import quote
 
-        runner = _task_runner(self.runner if where == "runner" else "threads", self.workers, self.dask_address)
-        # quote: Prefect must not walk into the shared arguments (a loaded model) looking for futures.
-        arguments = {**mapped, **{k: unmapped(quote(v)) for k, v in fixed.items()}}
+        kind = self.runner if where == "runner" else "threads"
+        runner = _task_runner(kind, self.workers, self.dask_address)
+        # On threads, quote: Prefect must not walk into the shared arguments (a loaded model) looking for futures.
+        # Not on Dask: there they travel pickled and small (ModelSource), and a quote would arrive as a tuple.
+        fixed = {k: quote(v) for k, v in fixed.items()} if kind == "threads" else fixed
+        arguments = {**mapped, **{k: unmapped(v) for k, v in fixed.items()}}
         with runner:
             futures = runner.map(task, arguments)
             for _ in as_completed(list(futures)):
