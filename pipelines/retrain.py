@@ -386,11 +386,14 @@ def take_in_inbox(root: Path, settings: Params, stamp: str) -> dict[str, Any]:
             logger.error(f"inbox set refused, moved to {refused}:\n{reason}")
             return info
         validated_hash = tracking.dataset_hash(work / "candidate")
-        done = inbox_lib.archive_folder(inbox, inbox_lib.DONE, stamp)
+        version_before = None
         if data_dir.is_dir():
             # the dataset as it is now, versioned before anything is replaced: its labels stay recoverable
             version_annotations(root, data_rel)
-            write_bytes_atomic(done / f"{Path(data_rel).name}.dvc.before", dvc_file.read_bytes())
+            version_before = dvc_file.read_bytes()
+        done = inbox_lib.archive_folder(inbox, inbox_lib.DONE, stamp)
+        if version_before is not None:
+            write_bytes_atomic(done / f"{Path(data_rel).name}.dvc.before", version_before)
         merged = merge_inbox(data_dir, work / "tiles", staged, done / "replaced", ignore)
         moved = inbox_lib.archive_files(scan, [p for s in scan.submissions for p in s.files], done)
         info.update(action="merged", archive=str(done), validated_hash=validated_hash, kept=moved["kept"], **merged)
