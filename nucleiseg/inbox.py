@@ -44,13 +44,18 @@ import json
 import os
 import shutil
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from nucleiseg.io import IMAGE_SUFFIXES, atomic_path, read_image, write_text_atomic
-from nucleiseg.labels import LABEL_SUFFIXES, read_label, write_label
+from nucleiseg.labels import CLASS_NAMES, LABEL_SUFFIXES, classes_of, label_suffix, read_label, write_label
+
+if TYPE_CHECKING:
+    from nucleiseg.qupath import ImportReport
 
 GEOJSON_SUFFIXES = (".geojson", ".geojson.gz")
 DONE = ".done"
@@ -197,25 +202,11 @@ def scan_inbox(
     return scan
 
 
-QupathReader = Callable[[Path, tuple[int, int]], tuple[Any, Any, Any]]
+# (path, (height, width)) -> (label, other, report): nucleiseg.qupath.read_qupath_geojson with a class map
+QupathReader = Callable[[Path, tuple[int, int]], tuple[np.ndarray, np.ndarray, "ImportReport"]]
 
 
-def _report_dict(report: Any) -> dict[str, Any]:
-    if report is None:
-        return {}
-    if hasattr(report, "to_dict"):
-        return dict(report.to_dict())
-    try:
-        return asdict(report)
-    except TypeError:
-        return {"report": str(report)}
-
-
-def _nuclei_per_class(label: Any) -> dict[str, int]:
-    import numpy as np
-
-    from nucleiseg.labels import CLASS_NAMES, classes_of
-
+def _nuclei_per_class(label: np.ndarray) -> dict[str, int]:
     counts = np.bincount(list(classes_of(np.asarray(label)).values()), minlength=len(CLASS_NAMES))
     return {name: int(n) for name, n in zip(CLASS_NAMES, counts, strict=True)}
 
@@ -278,8 +269,6 @@ def stage_submission(
             if submission.annotation.name not in message:
                 message = f"{submission.annotation}: {message}"
             raise InboxError(message) from exc
-        from nucleiseg.labels import label_suffix
-
         label_dst = staging_dir / f"{submission.name}{LABEL_SUFFIX}{label_suffix(label)}"
         write_label(label_dst, label)
         staged.files.append(label_dst.name)
@@ -288,7 +277,7 @@ def stage_submission(
             write_label(other_dst, other)
             staged.files.append(other_dst.name)
         staged.nuclei = _nuclei_per_class(label)
-        staged.notes = _report_dict(report)
+        staged.notes = report.to_dict()
     _copy_atomic(image_src, image_dst)  # the image's bytes as they are: nothing re-encoded
     staged.files.append(image_dst.name)  # last: a tile is complete once its image is in place
     return staged
