@@ -106,7 +106,9 @@ def segment(predictor: Predictor, image: np.ndarray, mpp: float | None = None, t
     (None: the model's), with the predictor's settings (``tta`` overrides its TTA setting)."""
     from nucleiseg.wsi import rescale, resize_label
 
-    if mpp is not None and not (isinstance(mpp, int | float) and np.isfinite(mpp) and mpp > 0):
+    if mpp is not None and (
+        isinstance(mpp, bool) or not (isinstance(mpp, int | float) and np.isfinite(mpp) and mpp > 0)
+    ):
         raise ValueError(f"mpp must be a positive number of microns per pixel, got {mpp!r}")
     seen = image if mpp is None else rescale(image, float(mpp), predictor.mpp)
     label = predictor.label(seen, tta=None if tta is None else bool(tta))
