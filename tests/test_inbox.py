@@ -178,6 +178,25 @@ def test_a_broken_file_is_refused_and_nothing_is_merged(small_repo, prefect_api,
     assert not (inbox / inbox_lib.DONE).exists()
 
 
+def test_a_run_beside_a_running_one_stops_at_once_and_touches_nothing(small_repo, prefect_api):
+    import filelock
+
+    from pipelines.retrain import LOCK_NAME, WORK_DIR, RetrainError, retrain_on_new_annotations
+
+    root, _ = small_repo
+    inbox = root / "inbox"
+    (inbox / WORK_DIR).mkdir(parents=True, exist_ok=True)
+    culprit = _broken_geojson(inbox, root / "data")
+    try:
+        with filelock.FileLock(inbox / WORK_DIR / LOCK_NAME, timeout=0):  # a run in progress (another process)
+            with pytest.raises(RetrainError, match="another retraining run holds"):
+                retrain_on_new_annotations(repo_dir=str(root), trigger="test")
+        assert (inbox / culprit).is_file()  # left for the run that holds the lock
+    finally:
+        for name in ("broken.png", "broken.geojson"):
+            (inbox / name).unlink(missing_ok=True)
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
