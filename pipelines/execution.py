@@ -243,8 +243,9 @@ class LocalMapper(Mapper):
         function = getattr(task, "fn", task)  # the Prefect task's own function: no task run, no API
         executor = self._executor(where)
         total = len(next(iter(mapped.values())))
+        # The arguments travel as one dict: Dask's submit() would take some names (key, pure, ...) as its own.
         futures = [
-            executor.submit(function, **{k: v[i] for k, v in mapped.items()}, **fixed) for i in range(total)
+            executor.submit(_call, function, {**{k: v[i] for k, v in mapped.items()}, **fixed}) for i in range(total)
         ]  # fmt: skip
         try:
             for _ in concurrent.futures.as_completed(futures):
@@ -253,6 +254,10 @@ class LocalMapper(Mapper):
             if isinstance(executor, concurrent.futures.ThreadPoolExecutor):
                 executor.shutdown(wait=True, cancel_futures=True)
         return [f.exception() if f.exception() is not None else f.result() for f in futures]
+
+
+def _call(function: Any, arguments: dict[str, Any]) -> Any:
+    return function(**arguments)
 
 
 def _task_runner(runner: str, workers: int, dask_address: str | None) -> Any:

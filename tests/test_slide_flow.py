@@ -100,3 +100,35 @@ def test_slides_in_the_batch_flow_and_on_a_dask_cluster(prefect_api: None, tmp_p
         ma, mb = fa["properties"].pop("measurements"), fb["properties"].pop("measurements")
         assert fa == fb
         assert ma.keys() == mb.keys() and all(ma[k] == pytest.approx(mb[k], rel=1e-5, abs=1e-6) for k in ma)
+
+
+def test_slides_without_a_prefect_api_on_threads_and_a_dask_cluster(tmp_path: Path) -> None:
+    """No Prefect API (pipelines/execution.py): the same steps as plain calls, no flow run. On a local Dask cluster
+    of 2 worker processes (each task's function sent by reference, its arguments as one dict) the tile and the
+    slide's chunks give the threads' nuclei."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    tile = synth_tile(5, (600, 700))[0]
+    write_image(tmp_path / "in" / "a.png", tile[:200, :200])
+    write_slide(tmp_path / "in" / "s.tif", tile, 0.25)
+    speckle_checkpoint(tmp_path / "model.pt", tile)
+    (tmp_path / "params.yaml").write_text(
+        "infer: {tile: 128, overlap: 32, batch_size: 4, tta: false}\npost: {min_area: 10, radius: 1}\n"
+        "slide: {chunk: 250, margin_um: 20.0}\nspatial: {r_steps: 5, simulations: 2, permutations: 3}\n"
+    )
+    with temporary_settings(restore_defaults={PREFECT_API_URL}):  # no API, whatever ran before in this session
+        code, output, threads = run_batch(tmp_path, tmp_path / "threads")
+        assert code == 0, output
+        code, output, on_dask = run_batch(tmp_path, tmp_path / "dask", "--runner", "dask", "--workers", "2")
+        assert code == 0, output
+    for out in ("threads", "dask"):
+        summary = json.loads((tmp_path / out / "batch_summary.json").read_text())
+        assert summary["orchestrated"] is False and summary["flow_run_id"] is None
+    assert threads["s.tif"]["nuclei"] > 100 and threads["s.tif"]["chunks"]["on_tissue"] == 6
+    for name in ("a.png", "s.tif"):
+        assert on_dask[name]["status"] == threads[name]["status"] == "ok"
+        counts = ("nuclei", "tumor", "lymphocyte", "stroma")
+        assert [on_dask[name][k] for k in counts] == [threads[name][k] for k in counts], name
+    columns = ["id", "class", "centroid_x_px", "centroid_y_px", "area_um2"]
+    tables = [pd.read_parquet(r["s.tif"]["outputs"]["nuclei"]) for r in (threads, on_dask)]
+    pd.testing.assert_frame_equal(tables[0][columns], tables[1][columns])
