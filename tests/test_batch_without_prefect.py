@@ -173,6 +173,7 @@ def test_mlflow_uri_outside_a_project_needs_a_store_and_creates_none(
     commands = {
         "predict": ["predict", "models:/nucleiseg@champion", images, "--out", "out", "--device", "cpu"],
         "batch": ["batch", images, "out", "--device", "cpu", "--no-progress"],  # the champion by default
+        "slide": ["slide", str(outside["images"] / "tile_0.png"), "--out", "out", "--device", "cpu"],
     }
     for name, args in commands.items():
         result = CliRunner().invoke(app, args)
