@@ -3,8 +3,8 @@
 Starts ``mlflow server`` on a free loopback port over STORE (``mlruns/mlflow.db``, or any tracking URI), checks
 through the REST API the UI itself reads (``/ajax-api/2.0/mlflow/...``) that the run has grouped metric names
 (``train/loss``, ``val/f1``, ``test/all/f1``), its datasets (contexts training, validation, test) and the experiment
-its model-training kind, writes those facts to ``OUT/mlflow_ui_checks.json``, photographs the pages with
-``chromium --headless`` (1600x1000) and stops the server. The pages open in MLflow's model-training view
+its model-training kind, prints those facts as JSON (``--checks FILE`` also writes them), photographs the pages
+with ``chromium --headless`` (1600x1000) and stops the server. The pages open in MLflow's model-training view
 (``?workflowType=machine_learning``; see nucleiseg.tracking.ui_url).
 
     python scripts/screenshot_mlflow.py mlruns/mlflow.db --out docs/          # the latest run of `nucleiseg`
@@ -148,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--experiment", default="nucleiseg", help="experiment name (default: nucleiseg)")
     parser.add_argument("--out", type=Path, default=Path("docs"), help="folder for the PNGs and the checks")
     parser.add_argument("--pages", default="experiment,run,model", help=f"comma-separated, of {', '.join(PAGES)}")
+    parser.add_argument("--checks", type=Path, help="also write what the UI's API serves to this JSON file")
     parser.add_argument("--budget-ms", type=int, default=15000, help="Chromium's virtual time per page")
     args = parser.parse_args(argv)
     pages = [p for p in args.pages.split(",") if p]
@@ -165,8 +166,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         _wait_healthy(base, server, timeout=120)
         facts = _facts(base, args.experiment, args.run)
+        print(json.dumps(facts, indent=2))
+        if args.checks is not None:
+            args.checks.write_text(json.dumps(facts, indent=2) + "\n")
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "mlflow_ui_checks.json").write_text(json.dumps(facts, indent=2) + "\n")
         for page in pages:
             url = _page_url(base, page, facts)
             if url is None:
