@@ -1,9 +1,10 @@
 """Where the batch flow's tasks run: as Prefect task runs inside a flow run, or as plain calls without Prefect.
 
 Prefect 3 (3.9 here) runs a flow only against an API. When none is configured it starts a temporary
-("ephemeral") API server in a subprocess, on every call: 6 s of a 30 s batch of two tiles on an idle 2-core
-machine, 14-28 s when it is busy (``benchmarks/bench_batch_overhead.py``). ``nucleiseg batch`` therefore never
-lets Prefect start one; it chooses between two ways of running the same code (:func:`run_batch`):
+("ephemeral") API server in a subprocess, on every call: 5.9 s of CPU and 12 s of wall time per batch of two
+tiles on the loaded 2-core development machine (``benchmarks/bench_batch_overhead.py``, figures in
+benchmarks/README.md). ``nucleiseg batch`` therefore never lets Prefect start one; it chooses between two ways
+of running the same code (:func:`pipelines.batch_inference.run_batch`):
 
 Definitions
 -----------
