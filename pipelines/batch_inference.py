@@ -108,6 +108,7 @@ from pipelines.execution import (
     PrefectMapper,
     Runner,
     RunnerError,
+    check_prefect_api,
     prefect_api_configured,
     run_logger,
 )
@@ -578,6 +579,10 @@ def batch(**arguments: Any) -> dict[str, Any]:
     """:func:`batch_inference` (a flow run) when a Prefect API is configured, else :func:`run_batch_locally`:
     never a temporary Prefect server (see :mod:`pipelines.execution`). ``arguments``: those of either."""
     if prefect_api_configured():
+        try:
+            check_prefect_api()
+        except RunnerError as exc:
+            raise BatchInferenceError(str(exc)) from None
         return batch_inference(**arguments)
     return run_batch_locally(**arguments)
 

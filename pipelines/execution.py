@@ -56,6 +56,24 @@ def prefect_api_configured() -> bool:
     return bool(PREFECT_API_URL.value())
 
 
+def check_prefect_api() -> None:
+    """Raise :class:`RunnerError` when the configured Prefect API does not answer its health check (one line
+    naming the URL and what to do), rather than let the flow fail with a connection traceback."""
+    import httpx
+    from prefect.settings import PREFECT_API_URL
+
+    url = str(PREFECT_API_URL.value()).rstrip("/")
+    try:
+        answered = httpx.get(f"{url}/health", timeout=10).status_code == 200
+    except httpx.HTTPError:
+        answered = False
+    if not answered:
+        raise RunnerError(
+            f"the Prefect API at {url} (PREFECT_API_URL) does not answer: start it (make prefect-server) or unset "
+            "PREFECT_API_URL to run without Prefect"
+        )
+
+
 def run_logger() -> logging.Logger | logging.LoggerAdapter[logging.Logger]:
     """Prefect's run logger inside a flow or task run (its lines reach the API); ``pipelines.batch`` outside."""
     try:
@@ -287,6 +305,7 @@ __all__ = [
     "ProgressBars",
     "Runner",
     "RunnerError",
+    "check_prefect_api",
     "check_runner",
     "prefect_api_configured",
     "run_logger",

@@ -125,6 +125,18 @@ def test_batch_progress_in_a_prefect_flow_run(prefect_api: None, outside: dict[s
     assert result.exit_code == 0 and " eta " not in result.stderr
 
 
+def test_batch_with_a_prefect_api_that_does_not_answer_says_so(outside: dict[str, Path]) -> None:
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    out = outside["cwd"] / "out"
+    args = ["batch", str(outside["images"]), str(out), "--model", str(outside["model"]), "--device", "cpu"]
+    with temporary_settings(updates={PREFECT_API_URL: "http://127.0.0.1:9/api"}):  # the discard port: nothing there
+        result = CliRunner().invoke(app, args)
+    assert result.exit_code == 1, result.output
+    assert "the Prefect API at http://127.0.0.1:9/api (PREFECT_API_URL) does not answer" in result.output
+    assert not (out / "batch_summary.json").exists()
+
+
 # --- MLflow model URIs outside a project -------------------------------------------------------------
 
 
