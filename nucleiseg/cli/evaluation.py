@@ -5,11 +5,14 @@ from __future__ import annotations
 import math
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from nucleiseg.cli.app import ForceOption, ParamsOption, SetOption, app, fail, read_params
+
+if TYPE_CHECKING:
+    from nucleiseg.params import Params
 
 LABEL_SUFFIX = "_label.png|.tif"
 
@@ -237,7 +240,7 @@ def score(
         typer.echo(_record_test_results(Path(model), report, settings, data, splits, written[1]))
 
 
-def _record_test_results(checkpoint: Path, report: dict[str, Any], settings: Any, data: Path, splits: Path,
+def _record_test_results(checkpoint: Path, report: dict[str, Any], settings: Params, data: Path, splits: Path,
                          summary_file: Path) -> str:  # fmt: skip
     """Add a checkpoint's test figures to the MLflow run that trained it, when there is one (nucleiseg.lineage)."""
     from nucleiseg import lineage, tracking
@@ -286,7 +289,8 @@ def report_command(
 ) -> None:
     """Write the results report: Tables 1 and 2, AJI / PQ / mPQ+, confusion matrix, per image (the paper's
     protocol), HoVer-Net's figures (its protocol), published figures beside them, training, overlays. Which
-    protocols: eval.protocol, or --protocol (a protocol the metrics file lacks is named in the report)."""
+    protocols: eval.protocol, or --protocol (a protocol the metrics file lacks is named in the report). A report on
+    the test split of a checkpoint that `nucleiseg train` logged is added to that MLflow run (evaluation/)."""
     import json
 
     from nucleiseg.io import write_text_atomic
@@ -319,7 +323,7 @@ def report_command(
         typer.echo(_log_report(Path(model), out, settings))
 
 
-def _log_report(checkpoint: Path, report: Path, settings: Any) -> str:
+def _log_report(checkpoint: Path, report: Path, settings: Params) -> str:
     """Add the report to the MLflow run that trained the scored checkpoint, when there is one."""
     from nucleiseg import lineage, tracking
 
