@@ -291,11 +291,25 @@ def test_mlflow_models_serve_answers_a_request_with_the_label(registered: Regist
         assert label.shape == rgb.shape[:2]
         np.testing.assert_array_equal(label, load_predictor(registered.checkpoint, device="cpu").label(rgb))
     finally:
-        os.killpg(server.pid, signal.SIGTERM)  # the group this test started: the CLI and its server
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
+        stopped = _stop_group(server)
+    assert stopped, "the server's processes did not end within 30 s of SIGTERM"
     with pytest.raises(OSError):  # stopped: nothing listens on the port any more
         socket.create_connection(("127.0.0.1", port), timeout=2).close()
+
+
+def _stop_group(process: subprocess.Popen, timeout: float = 30.0) -> bool:
+    """SIGTERM to the process group this test started (the CLI and the uvicorn server it runs); True when every
+    process of the group has ended within ``timeout`` (uvicorn finishes its graceful shutdown after the CLI
+    exits), else SIGKILL them and return False."""
+    os.killpg(process.pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        process.poll()  # reap the CLI once it exits, so that it does not linger in the group as a zombie
+        try:
+            os.killpg(process.pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.2)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    return False
