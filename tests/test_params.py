@@ -13,7 +13,23 @@ def test_repository_params_are_valid():
     params = load_params(REPO / "params.yaml")
     assert params.model.name == "resunet34"
     assert params.loss.w0 == 10.0 and params.loss.sigma == 5.0
-    assert params.train.lr == 1e-4 and params.train.batch_size == 8
+    assert params.train.lr == 2e-3 and params.train.batch_size == 8 and params.train.schedule == "onecycle"
+
+
+def test_paper_preset_restores_the_papers_method_over_the_demo_settings(tmp_path):
+    """The demo deviates from the paper (one-cycle lr, no perceptual loss, watershed); the paper preset sets
+    every one of those keys back, so applying it to this params.yaml gives the paper's recipe."""
+    import shutil
+
+    from nucleiseg.presets import apply_settings
+
+    target = tmp_path / "params.yaml"
+    shutil.copy(REPO / "params.yaml", target)
+    apply_settings(REPO / "presets" / "paper.yaml", target)
+    params = load_params(target)
+    assert (params.train.epochs, params.train.lr, params.train.schedule) == (300, 1e-4, "constant")
+    assert params.train.beta == 0.1 and params.train.select == "best"
+    assert (params.post.method, params.post.classify) == ("paper", "vote")
 
 
 def test_overrides_are_parsed_as_yaml(tmp_path):
