@@ -73,3 +73,28 @@ def registration_decision(mode: RegisterMode, environ: Mapping[str, str]) -> Reg
         f"skipped (experiment): {where} does not touch the registry under promote.registration auto; "
         f"`{OPT_IN}` registers it",
     )
+
+
+class RegistrationRecordError(ValueError):
+    """A registration record (``reports/registry.json``) that cannot say which model a pipeline run produced."""
+
+
+def model_from_record(record: Mapping[str, Any], where: str = "registry record") -> str:
+    """The model URI the rest of a pipeline run should use, from the register stage's record.
+
+    A registered run uses the version that holds ``@champion`` after the gate, pinned by number
+    (``models:/<name>/<version>``, so the stage's outputs depend on the record and not on an alias that can move
+    later); a run whose registration was skipped (a DVC experiment under ``promote.registration: auto``) uses
+    its own logged model (``source``), so an experiment's batch outputs are its model's, and a fresh clone's
+    first experiment needs no champion.
+    """
+    name = record.get("model_name")
+    if record.get("version") is not None:
+        champion = (record.get("aliases") or {}).get("champion")
+        if not name or champion is None:
+            raise RegistrationRecordError(f"{where}: a registered run without model_name or a champion alias")
+        return f"models:/{name}/{champion}"
+    source = record.get("source")
+    if not source:
+        raise RegistrationRecordError(f"{where}: registration skipped and no source model recorded")
+    return str(source)

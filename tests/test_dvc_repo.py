@@ -24,7 +24,9 @@ from nucleiseg.plots_template import TEMPLATE_NAME, template_html
 from nucleiseg.registration import (
     EXPERIMENT_BASELINE_VAR,
     EXPERIMENT_NAME_VAR,
+    RegistrationRecordError,
     dvc_experiment,
+    model_from_record,
     registration_decision,
 )
 
@@ -195,6 +197,28 @@ def test_registration_decision_from_the_environment():
     assert not registration_decision("never", plain).register
     with pytest.raises(ValueError, match=r"promote\.registration"):
         registration_decision("sometimes", plain)  # type: ignore[arg-type]
+
+
+def test_batch_stage_model_follows_the_registry_record():
+    """The batch stage predicts with the champion the gate left, pinned by version; in an experiment (not
+    registered) with the experiment's own model, so it needs no champion and shows that model's outputs."""
+    registered = {"model_name": "nucleiseg", "version": "4", "aliases": {"challenger": "4", "champion": "3"}}
+    assert model_from_record(registered) == "models:/nucleiseg/3"
+    skipped = {"model_name": "nucleiseg", "version": None, "source": "models:/m-0123abcd"}
+    assert model_from_record(skipped) == "models:/m-0123abcd"
+    with pytest.raises(RegistrationRecordError, match="champion"):
+        model_from_record({"model_name": "nucleiseg", "version": "1", "aliases": {}}, "reports/registry.json")
+    with pytest.raises(RegistrationRecordError, match="no source"):
+        model_from_record({"model_name": "nucleiseg", "version": None}, "reports/registry.json")
+
+
+def test_batch_names_a_bad_registry_record(tmp_path: Path):
+    record = tmp_path / "registry.json"
+    record.write_text("[1, 2]")
+    (tmp_path / "in").mkdir()
+    result = _run(["nucleiseg", "batch", "in", "out", "--model-from", str(record)], tmp_path)
+    assert result.returncode == 1 and f"{record}: not a registry record" in result.stderr
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.fixture

@@ -36,6 +36,14 @@ def batch_command(
             help="Checkpoint, MLflow model folder or URI (default: models:/<promote.model_name>@champion).",
         ),
     ] = None,
+    model_from: Annotated[
+        Path | None,
+        typer.Option(
+            "--model-from",
+            help="The register stage's record (reports/registry.json): its champion version, or the run's own model "
+            "when registration was skipped (a DVC experiment).",
+        ),
+    ] = None,
     params: ParamsOption = DEFAULT_PARAMS,
     set_: SetOption = None,
     tta: Annotated[
@@ -90,6 +98,10 @@ def batch_command(
     from nucleiseg.outputs import OutputError, OutputFolder
     from pipelines.batch_inference import RUNNERS, SUMMARY_NAME, BatchInferenceError, batch, flow_arguments
 
+    if model_from is not None:
+        if model is not None:
+            fail("--model and --model-from: give one", code=2)
+        model = _model_from_record(model_from)
     names = None
     if split is not None:
         from nucleiseg.prepare import read_splits
@@ -125,3 +137,21 @@ def batch_command(
     )
     if summary["failed"]:
         raise typer.Exit(1)
+
+
+def _model_from_record(path: Path) -> str:
+    import json
+
+    from nucleiseg.registration import RegistrationRecordError, model_from_record
+
+    try:
+        record = json.loads(path.read_text())
+        if not isinstance(record, dict):
+            raise ValueError("not a JSON object")
+        return model_from_record(record, str(path))
+    except RegistrationRecordError as exc:
+        message = str(exc)
+    except (OSError, ValueError) as exc:  # unreadable or not a JSON object
+        message = f"{path}: not a registry record ({exc})"
+    fail(message)
+    return ""  # not reached: fail exits
