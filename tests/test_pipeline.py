@@ -111,3 +111,33 @@ def test_after_a_run_dvc_status_is_clean_and_pull_succeeds(repo_copy):
     assert status.returncode == 0 and "Data and pipelines are up to date" in status.stdout, status.stdout
     pulled = _run(["dvc", "pull"], root, env)
     assert pulled.returncode == 0, pulled.stdout[-2000:] + pulled.stderr[-2000:]
+
+
+def test_the_training_run_shows_the_pipelines_data_and_test_figures_in_mlflow(repo_copy):
+    """After `dvc repro`: the run's datasets carry the md5 dvc.lock records for data.dir, the evaluate stage's
+    figures are metrics of the run and its logged model, the report stage's report is an artifact, and the
+    registered version keeps only the figures the gate compares (nucleiseg.lineage, nucleiseg.registry)."""
+    import mlflow
+
+    from nucleiseg.lineage import figure_metrics
+
+    root, _ = repo_copy
+    data_dir = yaml.safe_load((root / "params.yaml").read_text())["data"]["dir"]
+    lock = yaml.safe_load((root / "dvc.lock").read_text())
+    md5 = next(o["md5"] for s in lock["stages"].values() for o in s.get("outs", []) if o["path"] == data_dir)
+    client = mlflow.MlflowClient(f"sqlite:///{root}/mlruns/mlflow.db", f"sqlite:///{root}/mlruns/mlflow.db")
+    run = client.get_run((root / "models" / "mlflow_run_id").read_text().strip())
+    digests = {i.dataset.name: i.dataset.digest for i in run.inputs.dataset_inputs}
+    assert digests.keys() == {f"{data_dir}/train", f"{data_dir}/val", f"{data_dir}/test"}
+    assert all(d.startswith(md5[:8] + "-") for d in digests.values())
+
+    expected = figure_metrics(json.loads((root / "reports" / "metrics_summary.json").read_text()))
+    assert "test/all/f1" in expected and {k: run.data.metrics[k] for k in expected} == pytest.approx(expected)
+    model = client.get_logged_model((root / "models" / "model_uri").read_text().strip().removeprefix("models:/"))
+    assert expected.keys() <= {m.key for m in model.metrics}
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "evaluation")}
+    assert {"evaluation/confusion.png", "evaluation/results.md"} <= artifacts
+
+    registry = json.loads((root / "reports" / "registry.json").read_text())
+    version = client.get_model_version(registry["model_name"], registry["version"])
+    assert {k for k in version.tags if k.startswith("test.")} == {"test.all.f1", "test.all.dice"}
