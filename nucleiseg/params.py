@@ -169,7 +169,8 @@ class InferParams(_Section):
     tta: bool = False
     # What runs the network's forward pass: torch, or onnxruntime (the network exported to ONNX on load and run
     # by ONNX Runtime on the CPU; an .onnx model from `nucleiseg export onnx` always runs on it). ONNX Runtime is
-    # 1.6-3.6x faster on 2 CPU cores, but exporting on load costs 10-30 s: torch is the default (benchmarks/README.md)
+    # ~1.4x faster per tile on 2 CPU cores (1.1x per image), but exporting on load costs 6-7 s: torch is the default
+    # (benchmarks/README.md)
     backend: Literal["torch", "onnxruntime"] = "torch"
     runner: Literal["threads", "dask"] = "threads"  # batch inference task runner (dask needs prefect-dask)
     workers: int = Field(2, ge=1)  # images processed at once by batch inference
