@@ -360,13 +360,13 @@ def _store_in_force(tracking_uri: str | None) -> Iterator[None]:
     if tracking_uri is None or before == (tracking_uri, tracking_uri):
         yield
         return
-    mlflow.set_tracking_uri(tracking_uri)
-    mlflow.set_registry_uri(tracking_uri)
+    from nucleiseg.tracking import use_store
+
+    use_store(tracking_uri, tracking_uri)
     try:
         yield
     finally:
-        mlflow.set_tracking_uri(before[0])
-        mlflow.set_registry_uri(before[1])
+        use_store(*before)
 
 
 def _trained_on_tags(names: Sequence[str] | None) -> dict[str, str]:

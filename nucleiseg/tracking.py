@@ -63,6 +63,34 @@ def existing_store_uri(configured: str | None) -> str:
     return uri
 
 
+_URI_VARIABLES = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+
+
+def use_store(tracking: str, registry: str | None = None) -> None:
+    """Point this process's MLflow at a tracking store (and registry: ``registry``, else unchanged), leaving the
+    environment as it was.
+
+    ``mlflow.set_tracking_uri`` and ``set_registry_uri`` also export ``MLFLOW_TRACKING_URI`` and
+    ``MLFLOW_REGISTRY_URI``. Every child process would inherit them as if the user had set them: ``dvc repro``
+    started by the retraining flow, or a stage started by a process that had opened another store, would then read
+    and write that store instead of its project's. MLflow keeps the URIs in the process as well, so the exported
+    variables are put back to what they were.
+    """
+    import mlflow
+
+    saved = {name: os.environ.get(name) for name in _URI_VARIABLES}
+    try:
+        mlflow.set_tracking_uri(tracking)
+        if registry is not None:
+            mlflow.set_registry_uri(registry)
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 def configure(uri: str, experiment: str, artifacts: str | os.PathLike[str] | None = None) -> str:
     """Point MLflow at the store and select (creating if needed) the experiment; return its id.
 
@@ -74,10 +102,8 @@ def configure(uri: str, experiment: str, artifacts: str | os.PathLike[str] | Non
     uri = tracking_uri(uri)
     if uri.startswith("sqlite:///"):
         Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    mlflow.set_tracking_uri(uri)
-    if uri.startswith("sqlite:///"):
-        # The model registry shares the store: one SQLite file holds runs, models and aliases.
-        mlflow.set_registry_uri(uri)
+    # A local SQLite store holds the model registry too: one file for runs, models and aliases.
+    use_store(uri, uri if uri.startswith("sqlite:///") else None)
     found = mlflow.get_experiment_by_name(experiment)
     if found is not None:
         if found.tags.get(EXPERIMENT_KIND_TAG) is None:  # made before the tag was set, or by another tool

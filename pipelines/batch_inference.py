@@ -254,10 +254,9 @@ def worker_predictor(source: ModelSource) -> Predictor:
         predictor = _worker_predictors.get(source)
         if predictor is None:
             if source.tracking_uri is not None:
-                import mlflow
+                from nucleiseg.tracking import use_store
 
-                mlflow.set_tracking_uri(source.tracking_uri)
-                mlflow.set_registry_uri(source.registry_uri or source.tracking_uri)
+                use_store(source.tracking_uri, source.registry_uri or source.tracking_uri)
             predictor = _worker_predictors[source] = load_predictor(source.ref, source.device, backend=source.backend)
         return predictor
 

@@ -19,6 +19,19 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "60")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
+@pytest.fixture(autouse=True)
+def _mlflow_uri_variables_stay_per_test() -> Iterator[None]:
+    """MLflow's ``set_tracking_uri`` / ``set_registry_uri`` export ``MLFLOW_TRACKING_URI`` / ``MLFLOW_REGISTRY_URI``;
+    a test that calls them directly would hand its store to every later test's subprocesses (``dvc repro``)."""
+    saved = {name: os.environ.get(name) for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    yield
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
 @pytest.fixture(scope="session")
 def consep_dir() -> Path:
     """The real CoNSeP training tiles (``<tile>.png``, ``_label.png``, ``_other.png``)."""

@@ -58,6 +58,7 @@ def repo_copy(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str,
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "HF_HUB_OFFLINE": "1",
            "DVC_NO_ANALYTICS": "1", "OMP_NUM_THREADS": "2"}  # fmt: skip
     env.pop("MLFLOW_TRACKING_URI", None)
+    env.pop("MLFLOW_REGISTRY_URI", None)
     git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.org"]
     for cmd in (["git", "init", "-q"], ["git", "add", "-A"], [*git, "commit", "-qm", "copy"]):
         subprocess.run(cmd, cwd=root, check=True, capture_output=True)

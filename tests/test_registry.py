@@ -414,3 +414,33 @@ def test_errors_name_the_problem(store: Store) -> None:
     _register(store, name, 0.5)
     with pytest.raises(RegistryError, match=r"'all\.f2'"):
         _gate(store, name, metric="all.f2")
+
+
+def test_use_store_points_mlflow_without_exporting_it_to_child_processes(tmp_path: Path, monkeypatch) -> None:
+    """``dvc repro`` started by the retraining flow must read its project's store, not one this process opened."""
+    import os
+    import subprocess
+    import sys
+
+    import mlflow
+
+    from nucleiseg.tracking import use_store
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("MLFLOW_REGISTRY_URI", "sqlite:///the-users-registry.db")
+    before = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    uri = f"sqlite:///{tmp_path / 'store.db'}"
+    try:
+        use_store(uri, uri)
+        assert (mlflow.get_tracking_uri(), mlflow.get_registry_uri()) == (uri, uri)
+        assert "MLFLOW_TRACKING_URI" not in os.environ
+        assert os.environ["MLFLOW_REGISTRY_URI"] == "sqlite:///the-users-registry.db"
+        child = subprocess.run(
+            [sys.executable, "-c", "import os; print(os.environ.get('MLFLOW_TRACKING_URI'))"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        assert child.stdout.strip() == "None"
+    finally:
+        use_store(*before)

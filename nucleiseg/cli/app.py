@@ -56,11 +56,10 @@ def use_model_store(settings: Params, in_project: bool) -> None:
     except StoreNotFoundError as exc:
         fail(str(exc))
         return
-    import mlflow
+    from nucleiseg.tracking import use_store
 
-    mlflow.set_tracking_uri(uri)
-    if not os.environ.get("MLFLOW_REGISTRY_URI"):  # a separate registry given by the user stays theirs
-        mlflow.set_registry_uri(uri)
+    # A separate registry given by the user stays theirs.
+    use_store(uri, None if os.environ.get("MLFLOW_REGISTRY_URI") else uri)
 
 
 def prefect_env() -> None:
