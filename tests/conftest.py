@@ -19,10 +19,7 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "60")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
-@pytest.fixture(autouse=True)
-def _mlflow_uri_variables_stay_per_test() -> Iterator[None]:
-    """MLflow's ``set_tracking_uri`` / ``set_registry_uri`` export ``MLFLOW_TRACKING_URI`` / ``MLFLOW_REGISTRY_URI``;
-    a test that calls them directly would hand its store to every later test's subprocesses (``dvc repro``)."""
+def _keep_mlflow_uri_variables() -> Iterator[None]:
     saved = {name: os.environ.get(name) for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
     yield
     for name, value in saved.items():
@@ -30,6 +27,13 @@ def _mlflow_uri_variables_stay_per_test() -> Iterator[None]:
             os.environ.pop(name, None)
         else:
             os.environ[name] = value
+
+
+# MLflow's ``set_tracking_uri`` / ``set_registry_uri`` export ``MLFLOW_TRACKING_URI`` / ``MLFLOW_REGISTRY_URI``; a
+# test or a module fixture (its teardown included) that calls them directly would hand its store to every later
+# test's subprocesses (``dvc repro``). Autouse fixtures of the widest scope are set up first and torn down last.
+_mlflow_uri_variables_stay_per_module = pytest.fixture(scope="module", autouse=True)(_keep_mlflow_uri_variables)
+_mlflow_uri_variables_stay_per_test = pytest.fixture(autouse=True)(_keep_mlflow_uri_variables)
 
 
 @pytest.fixture(scope="session")

@@ -51,6 +51,7 @@ def annotated_repo(tmp_path_factory: pytest.TempPathFactory, prefect_api: None) 
         "PREFECT_API_URL": PREFECT_API_URL.value(),
     }  # fmt: skip  (the stages' flows use the test server)
     env.pop("MLFLOW_TRACKING_URI", None)
+    env.pop("MLFLOW_REGISTRY_URI", None)
     git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.org"]
     for cmd in (
         ["git", "init", "-q"],
@@ -73,6 +74,7 @@ def flow_env(annotated_repo, monkeypatch: pytest.MonkeyPatch) -> Path:
     for key in ("HF_HUB_OFFLINE", "DVC_NO_ANALYTICS", "OMP_NUM_THREADS"):
         monkeypatch.setenv(key, env[key])
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
     return root
 
 
