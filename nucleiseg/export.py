@@ -330,13 +330,16 @@ def write_outputs(
     mpp: float | None = None,
     probs: np.ndarray | None = None,
     stain_matrix: np.ndarray | None = None,
+    geojson_objects: str = "detection",
 ) -> dict[str, Path]:
     """Write ``<name>_label.png`` (16-bit; ``<name>_label.tif``, 32-bit, when the ids exceed 65535),
     ``<name>_overlay.png``, ``<name>.geojson`` and ``<name>_nuclei.csv``.
 
     The table and the GeoJSON measurements are :func:`nucleiseg.measure.nuclei_table` with ``mpp``
     (micrometres per pixel; None: :data:`nucleiseg.measure.DEFAULT_MPP`), ``probs`` (the softmax maps, for
-    ``class_probability``) and ``stain_matrix`` (the model's; None: Ruifrok & Johnston's).
+    ``class_probability``) and ``stain_matrix`` (the model's; None: Ruifrok & Johnston's). ``geojson_objects``:
+    the QuPath object type of the nuclei, ``detection`` (light, read-only in QuPath) or ``annotation`` (editable:
+    what a pathologist corrects before ``nucleiseg import qupath``).
     All four are computed first and written to temporary files that are renamed into place only once every
     one of them is complete, so a failure (a full disk) leaves earlier outputs of the same name untouched.
     Returns the paths.
@@ -351,7 +354,7 @@ def write_outputs(
     table = nuclei_table(
         label, image, mpp=DEFAULT_MPP if mpp is None else mpp, probs=probs, stain_matrix=stain_matrix, image_name=name
     )
-    geojson = json.dumps(to_geojson(label, table, name), separators=(",", ":"))
+    geojson = json.dumps(to_geojson(label, table, name, object_type=geojson_objects), separators=(",", ":"))
     with contextlib.ExitStack() as stack:
         tmp = {key: stack.enter_context(atomic_path(path)) for key, path in paths.items()}
         write_label(tmp["label"], label)

@@ -970,6 +970,7 @@ def predict_file(
     name: str | None = None,
     mpp: float | None = None,
     mpp_tolerance: float = 0.02,
+    geojson_objects: str = "detection",
 ) -> FileResult:
     """Segment one image file and write its four outputs into ``out_dir``
     (:func:`nucleiseg.export.write_outputs`). Settings default to the predictor's.
@@ -981,7 +982,8 @@ def predict_file(
     for a resampled image).
 
     Raises :class:`nucleiseg.io.ImageReadError` for an unreadable image and whatever inference or writing
-    raises; :func:`predict_files` turns those into failed results.
+    raises; :func:`predict_files` turns those into failed results. ``geojson_objects``: QuPath object type of the
+    GeoJSON's nuclei (``detection``, or ``annotation`` to correct them in QuPath).
     """
     from nucleiseg.export import write_outputs
     from nucleiseg.io import read_image
@@ -1009,7 +1011,14 @@ def predict_file(
     # vectors the model was trained with.
     image_mpp = predictor.mpp if mpp is None else mpp
     outputs = write_outputs(
-        out_dir, name, image, label, mpp=image_mpp, probs=probs, stain_matrix=stain_matrix_of(predictor.stain)
+        out_dir,
+        name,
+        image,
+        label,
+        mpp=image_mpp,
+        probs=probs,
+        stain_matrix=stain_matrix_of(predictor.stain),
+        geojson_objects=geojson_objects,
     )
     del probs
     ids = np.flatnonzero(np.bincount(label.ravel()))  # present ids without sorting the whole image
@@ -1039,6 +1048,7 @@ def predict_files(
     on_result: Callable[[FileResult], None] | None = None,
     mpp: float | None = None,
     mpp_tolerance: float = 0.02,
+    geojson_objects: str = "detection",
 ) -> list[FileResult]:
     """:func:`predict_file` on every path (all at ``mpp``); a failure is recorded and the others go on.
 
@@ -1055,7 +1065,7 @@ def predict_files(
             result = FileResult(str(path), name, "failed", f"{path}: output name {name!r} already used by {used[name]}")
         else:
             try:
-                result = predict_file(predictor, path, out_dir, infer, post, name, mpp, mpp_tolerance)
+                result = predict_file(predictor, path, out_dir, infer, post, name, mpp, mpp_tolerance, geojson_objects)
                 used[name] = str(path)
             except Exception as exc:  # one bad image must not stop the batch; the error is reported
                 message = str(exc) if str(path) in str(exc) else f"{path}: {exc}"

@@ -467,3 +467,39 @@ def test_import_qupath_command(tmp_path):
     assert "a: 0 tumor, 0 lymphocyte, 0 stroma, 0 other; 1 unclassified; 1 repaired; 12 empty objects;" in origin.output
     refused = CliRunner().invoke(app, ["import", "consep", str(src), str(tmp_path / "o3"), "--origin", "1,2"])
     assert refused.exit_code == 2 and "--origin" in refused.output
+
+
+def test_predicted_annotations_come_back_as_the_predicted_label(tmp_path: Path, tiny_checkpoint: Path):
+    """`predict --qupath-objects annotation` writes objects a pathologist can edit in QuPath, and importing the file
+    untouched gives back exactly the predicted label (the start of the correct-and-retrain loop)."""
+    from nucleiseg.cli import app
+    from nucleiseg.synth import synth_tile
+
+    image, _ = synth_tile(5, 96)
+    src = tmp_path / "tiles"
+    src.mkdir()
+    write_image(src / "tile.png", image)
+    out = tmp_path / "pred"
+    result = CliRunner().invoke(
+        app,
+        ["predict", str(tiny_checkpoint), str(src), "--out", str(out), "--qupath-objects", "annotation",
+         "--set", "post.method=paper", "--set", "post.min_area=0"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    predicted = read_label(out / "tile_label.png")
+    assert predicted.max() > 0  # a random network still draws some nuclei to carry through
+    features = json.loads((out / "tile.geojson").read_text())["features"]
+    assert {f["properties"]["objectType"] for f in features} == {"annotation"}
+
+    inbox = tmp_path / "corrected"
+    inbox.mkdir()
+    write_image(inbox / "tile.png", image)
+    (inbox / "tile.geojson").write_text((out / "tile.geojson").read_text())
+    [imported] = import_qupath(inbox, tmp_path / "imported", CLASS_MAP)
+    assert imported.ok, imported.error
+    assert np.array_equal(read_label(tmp_path / "imported" / "tile_label.png"), predicted)
+
+    refused = CliRunner().invoke(
+        app, ["predict", str(tiny_checkpoint), str(src), "--out", str(tmp_path / "x"), "--qupath-objects", "cell"]
+    )
+    assert refused.exit_code == 2 and "--qupath-objects 'cell'" in refused.output

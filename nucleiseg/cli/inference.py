@@ -34,6 +34,14 @@ def predict(
         float | None,
         typer.Option("--mpp", min=0.0, help="Microns per pixel of the images; resampled to the model's (model.mpp)."),
     ] = None,
+    qupath_objects: Annotated[
+        str,
+        typer.Option(
+            "--qupath-objects",
+            help="QuPath object type of the GeoJSON's nuclei: detection, or annotation (editable in QuPath, to "
+            "correct and bring back with `nucleiseg import qupath`).",
+        ),
+    ] = "detection",
     params: ParamsOption = DEFAULT_PARAMS,
     set_: SetOption = None,
     force: ForceOption = False,
@@ -49,7 +57,7 @@ def predict(
     Per image NAME: NAME_label.png (16-bit label, class = id % 3: 0 tumor, 1 lymphocyte, 2 stroma).
 
     NAME_overlay.png (outlines: orange tumor, sky-blue lymphocyte, bluish-green stroma),
-    NAME.geojson (QuPath detections).
+    NAME.geojson (QuPath detections; editable annotations with --qupath-objects annotation).
 
     NAME_nuclei.csv (one row of measurements per nucleus); summary.json in OUT says what happened to each input.
 
@@ -70,7 +78,7 @@ def predict(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.table import Table
 
-    from nucleiseg.export import output_files
+    from nucleiseg.export import OBJECT_TYPES, output_files
     from nucleiseg.infer import (
         FileResult,
         InferSettings,
@@ -87,6 +95,8 @@ def predict(
     from nucleiseg.io import write_json_atomic
     from nucleiseg.outputs import OutputError, OutputFolder, file_sha256
 
+    if qupath_objects not in OBJECT_TYPES:
+        fail(f"--qupath-objects {qupath_objects!r}: expected one of {', '.join(OBJECT_TYPES)}", code=2)
     # The default params.yaml is optional (predict runs outside the project too); an explicit one is not.
     in_project = params != DEFAULT_PARAMS or params.is_file()
     settings = read_params(params if in_project else None, set_)
@@ -163,7 +173,7 @@ def predict(
         try:
             predict_files(
                 predictor, todo, out, infer, post, on_result=advance, mpp=mpp,
-                mpp_tolerance=settings.slide.mpp_tolerance,
+                mpp_tolerance=settings.slide.mpp_tolerance, geojson_objects=qupath_objects,
             )  # fmt: skip
         except (KeyboardInterrupt, SystemExit):
             typer.secho(f"interrupted: {len(todo) - len(new)} input(s) pending; --resume goes on", err=True)
