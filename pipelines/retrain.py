@@ -75,6 +75,7 @@ import dataclasses
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -638,9 +639,45 @@ def serve(
         if on_ready is not None:
             on_ready(api_url)
         try:
-            asyncio.run(runner.start())
+            _serve_until_interrupted(runner)
         except (KeyboardInterrupt, TerminationSignal):
-            get_logger("nucleiseg.serve-retrain").info("stopping: watcher, runner, then the Prefect server")
+            pass
+        get_logger("nucleiseg.serve-retrain").info("stopping: watcher, runner, then the Prefect server")
+
+
+def _serve_until_interrupted(runner: Any, grace_s: float = 20.0) -> None:
+    """``runner.start()`` until Ctrl-C (SIGINT); then ``runner.astop()`` (cancels its runs), each wait bounded.
+
+    ``asyncio.run`` alone turns Ctrl-C into a cancellation of the runner's task, which Prefect's task groups can
+    absorb while a flow run is being wound up (seen once in CI: the service went on for 90 s after Ctrl-C), and
+    then waits for every task it cancels. Here a run the runner cannot stop within ``grace_s`` is abandoned (its
+    process is the runner's child and ends with the service), so Ctrl-C always ends the service. SIGTERM keeps
+    Prefect's own handler (``TerminationSignal``).
+    """
+
+    async def until_interrupted() -> None:
+        loop = asyncio.get_running_loop()
+        interrupted = asyncio.Event()
+        loop.add_signal_handler(signal.SIGINT, interrupted.set)
+        serving = asyncio.ensure_future(runner.start())
+        waiting = asyncio.ensure_future(interrupted.wait())
+        await asyncio.wait({serving, waiting}, return_when=asyncio.FIRST_COMPLETED)
+        if serving.done():
+            waiting.cancel()
+            serving.result()  # the runner ended on its own (an error, or SIGTERM): let it show
+            return
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(runner.astop(), grace_s)
+        if not serving.done():
+            serving.cancel()
+            await asyncio.wait({serving}, timeout=grace_s)  # does not wait for a cancellation that is absorbed
+
+    loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(until_interrupted())
+    finally:
+        # Not asyncio.run's clean-up, which would wait again for every task left: they are dropped with the loop.
+        loop.close()
 
 
 __all__ = [
